@@ -1,0 +1,44 @@
+"""ipyfarm: interactive parallel computing for Jupyter.
+
+``import ipyfarm as ipp`` gives ipyparallel 9's public names::
+
+    with ipp.Cluster(n=4) as rc:
+        rc[:].apply_sync(lambda: 42)
+"""
+
+from . import error as error
+from .client.asyncresult import AsyncHubResult as AsyncHubResult
+from .client.asyncresult import AsyncMapResult as AsyncMapResult
+from .client.asyncresult import AsyncResult as AsyncResult
+from .client.client import Client as Client
+from .client.remotefunction import ParallelFunction as ParallelFunction
+from .client.remotefunction import RemoteFunction as RemoteFunction
+from .client.remotefunction import parallel as parallel
+from .client.remotefunction import remote as remote
+from .client.view import DirectView as DirectView
+from .cluster.cluster import Cluster as Cluster
+from .error import CompositeError as CompositeError
+from .error import RemoteError as RemoteError
+from .protocol.serialize import Reference as Reference
+from .protocol.serialize import interactive as interactive
+
+__version__ = "0.1.0"
+version_info = (0, 1, 0)
+
+__all__ = [
+    "AsyncHubResult",
+    "AsyncMapResult",
+    "AsyncResult",
+    "Client",
+    "Cluster",
+    "CompositeError",
+    "DirectView",
+    "ParallelFunction",
+    "Reference",
+    "RemoteError",
+    "RemoteFunction",
+    "error",
+    "interactive",
+    "parallel",
+    "remote",
+]

@@ -1,0 +1,315 @@
+"""AsyncResult: a ``concurrent.futures.Future`` over one or more task messages.
+
+The client's I/O thread stores each reply in ``client.results`` /
+``client.metadata`` and calls :meth:`AsyncResult._msg_done`; when the last of
+its ``msg_ids`` is in, the future resolves. ``get(timeout)`` follows
+ipyparallel: ``None`` or ``-1`` waits forever, a single-target result is the bare
+value, errors raise (several as :class:`~ipyfarm.error.CompositeError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .. import error
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["AsyncHubResult", "AsyncMapResult", "AsyncResult", "Metadata"]
+
+_METADATA_DEFAULTS: dict[str, Any] = {
+    "msg_id": None, "submitted": None, "started": None, "completed": None,
+    "received": None, "engine_id": None, "engine_uuid": None, "status": None,
+    "follow": [], "after": [], "execute_input": None, "execute_result": None,
+    "error": None, "stdout": "", "stderr": "", "outputs": [], "data": {},
+}
+
+
+class Metadata(dict):
+    """A task's metadata; keys are also attributes (``md.engine_id``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__({k: (v.copy() if isinstance(v, list | dict) else v)
+                          for k, v in _METADATA_DEFAULTS.items()})
+        self.update(*args, **kwargs)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+
+def _timeout(timeout: float | None) -> float | None:
+    return None if timeout is None or timeout < 0 else timeout
+
+
+class AsyncResult(Future):
+    """The pending or finished result of a submission (one or more messages)."""
+
+    def __init__(
+        self,
+        client: Client,
+        msg_ids: list[str],
+        fname: str = "unknown",
+        targets: Any = None,
+        trackers: list | None = None,
+        single: bool | None = None,
+        return_exceptions: bool = False,
+    ):
+        super().__init__()
+        self._client = client
+        self.msg_ids = list(msg_ids)
+        self._fname = fname
+        self._targets = targets
+        self._trackers = trackers or []
+        self._single_result = (
+            single if single is not None else (len(self.msg_ids) == 1 and
+                                               not isinstance(targets, list | tuple))
+        )
+        self._return_exceptions = return_exceptions
+        self._lock = threading.Lock()
+        self._remaining = set(self.msg_ids)
+        self._submitted = time.monotonic()
+        self._finished_at: float | None = None
+        client._watch(self)
+
+    # ------------------------------------------------------------------ completion
+    def _msg_done(self, msg_id: str) -> None:
+        with self._lock:
+            self._remaining.discard(msg_id)
+            if self._remaining or self.done():
+                return
+        self._finish()
+
+    def _finish(self) -> None:
+        self._finished_at = time.monotonic()
+        results = [self._client.results[m] for m in self.msg_ids]
+        try:
+            value = self._reconstruct(results)
+        except BaseException as e:
+            self.set_exception(e)
+        else:
+            self.set_result(value)
+
+    def _reconstruct(self, results: list) -> Any:
+        if self._single_result:
+            r = results[0]
+            if isinstance(r, BaseException):
+                raise r
+            return r
+        if not self._return_exceptions:
+            error.collect_exceptions(results, self._fname)
+        return results
+
+    # ------------------------------------------------------------------ waiting
+    def wait(self, timeout: float | None = -1) -> bool:
+        """Wait up to ``timeout`` seconds (None/-1: forever); True when ready."""
+        try:
+            self.exception(_timeout(timeout))
+        except FuturesTimeout:
+            return False
+        return True
+
+    def ready(self) -> bool:
+        return self.done()
+
+    def successful(self) -> bool:
+        if not self.done():
+            raise AssertionError(f"{self!r} is not ready; wait() before asking successful()")
+        return self.exception(0) is None
+
+    def get(self, timeout: float | None = -1) -> Any:
+        """The result, waiting up to ``timeout`` seconds; raises the remote error if any."""
+        if not self.wait(timeout):
+            raise error.TimeoutError(
+                f"{self._fname}: {self.progress}/{len(self)} results ready after "
+                f"{timeout} s. The tasks are still running; wait longer, or abort() them."
+            )
+        return self.result(0)
+
+    @property
+    def r(self) -> Any:
+        return self.get()
+
+    def get_dict(self, timeout: float | None = -1) -> dict:
+        """Results keyed by engine id (each engine must appear once)."""
+        results = self.get(timeout)
+        if self._single_result:
+            results = [results]
+        engine_ids = [md["engine_id"] for md in self._metadatas()]
+        if len(set(engine_ids)) != len(engine_ids):
+            raise ValueError(f"cannot key by engine: engines repeat in {engine_ids}")
+        return dict(zip(engine_ids, results, strict=True))
+
+    def __await__(self) -> Any:
+        return asyncio.wrap_future(self).__await__()
+
+    # ------------------------------------------------------------------ control
+    def abort(self) -> None:
+        """Abort the messages that have not finished; raises if all have."""
+        if self.done():
+            raise error.IPyFarmError(f"{self!r} is already done; nothing to abort")
+        self._client.abort([m for m in self.msg_ids if m in self._remaining])
+
+    @property
+    def sent(self) -> bool:
+        return all(t is None or t.done for t in self._trackers)
+
+    def wait_on_send(self, timeout: float | None = -1) -> None:
+        deadline = None if _timeout(timeout) is None else time.monotonic() + timeout
+        for t in self._trackers:
+            if t is None:
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.wait(left)
+
+    # ------------------------------------------------------------------ information
+    def __len__(self) -> int:
+        return len(self.msg_ids)
+
+    @property
+    def progress(self) -> int:
+        return len(self.msg_ids) - len(self._remaining)
+
+    @property
+    def elapsed(self) -> float:
+        end = self._finished_at if self._finished_at is not None else time.monotonic()
+        return end - self._submitted
+
+    @property
+    def wall_time(self) -> float:
+        return self.elapsed
+
+    def _metadatas(self) -> list[Metadata]:
+        return [self._client.metadata[m] for m in self.msg_ids]
+
+    @property
+    def metadata(self) -> Any:
+        mds = self._metadatas()
+        return mds[0] if self._single_result else mds
+
+    @property
+    def result_dict(self) -> dict:
+        return self.get_dict()
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            values = [md[key] for md in self._metadatas()]
+            return values[0] if self._single_result else values
+        results = self.get()
+        return results[key] if not self._single_result else [results][key]
+
+    def __iter__(self) -> Iterator:
+        if self._single_result:
+            yield from self.get()
+            return
+        for msg_id in self.msg_ids:
+            while msg_id in self._remaining:
+                self.wait(0.05)
+            r = self._client.results[msg_id]
+            if isinstance(r, BaseException) and not self._return_exceptions:
+                raise r
+            yield r
+
+    def __repr__(self) -> str:
+        state = "pending"
+        if self.done():
+            state = "finished" if self.exception(0) is None else "error"
+        return f"<{type(self).__name__}({self._fname}): {state}>"
+
+    def display_outputs(self, groupby: str = "type") -> None:
+        """Print each engine's stdout/stderr and show its displays and results."""
+        from .display import display_outputs
+
+        display_outputs(self._metadatas(), groupby)
+
+    def wait_interactive(self, interval: float = 0.1, timeout: float | None = -1) -> None:
+        """Wait, printing a progress line in a terminal."""
+        limit = _timeout(timeout)
+        start = time.monotonic()
+        n = len(self)
+        while not self.wait(interval):
+            done = self.progress
+            sys.stdout.write(f"\r{done}/{n} tasks finished after {time.monotonic() - start:.0f}s")
+            sys.stdout.flush()
+            if limit is not None and time.monotonic() - start > limit:
+                break
+        sys.stdout.write(f"\r{self.progress}/{n} tasks finished after {self.elapsed:.1f}s\n")
+
+
+def _metadata_property(key: str) -> property:
+    def getter(self: AsyncResult) -> Any:
+        return self[key]
+
+    getter.__doc__ = f"metadata[{key!r}] of each message (a single value for one engine)"
+    return property(getter)
+
+
+for _key in ("stdout", "stderr", "outputs", "engine_id", "execute_result", "error",
+             "submitted", "started", "completed", "received", "status"):
+    setattr(AsyncResult, _key, _metadata_property(_key))
+
+
+class AsyncMapResult(AsyncResult):
+    """A map's result: the chunks' results joined back in order."""
+
+    def __init__(self, client: Client, msg_ids: list[str], joiner: Any, fname: str = "map",
+                 **kwargs: Any):
+        self._joiner = joiner
+        super().__init__(client, msg_ids, fname, single=False, **kwargs)
+
+    def _reconstruct(self, results: list) -> Any:
+        error.collect_exceptions(results, self._fname)
+        return self._joiner(results)
+
+    def __iter__(self) -> Iterator:
+        for msg_id in self.msg_ids:
+            while msg_id in self._remaining:
+                self.wait(0.05)
+            r = self._client.results[msg_id]
+            if isinstance(r, BaseException):
+                raise r
+            yield from r
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return self.get()[key]
+
+
+class AsyncHubResult(AsyncResult):
+    """Results of tasks another client submitted, fetched from the controller."""
+
+    def _watch_remote(self, poll: float = 0.05) -> None:
+        def poller() -> None:
+            while not self.done() and not self._client._closed:
+                missing = [m for m in self.msg_ids if m in self._remaining]
+                if not missing:
+                    return
+                try:
+                    self._client._fetch_results(missing)
+                except Exception as e:
+                    if not self.done():
+                        self.set_exception(e)
+                    return
+                time.sleep(poll)
+
+        threading.Thread(target=poller, name="ipyfarm-hubresult", daemon=True).start()
+
+
+def now_utc() -> datetime:
+    from datetime import timezone
+
+    return datetime.now(timezone.utc)

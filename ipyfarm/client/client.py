@@ -1,0 +1,497 @@
+"""Client: the connection to a controller, its task records, and views on engines.
+
+Data flow::
+
+    user thread ── sign + queue ──► ClientIO thread ── DEALER ──► controller ──► engine
+    AsyncResult ◄── results/metadata ◄── ClientIO thread ◄────────────── reply ◄──┘
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from pathlib import Path
+from typing import Any
+
+import zmq
+from jupyter_client.jsonutil import extract_dates
+
+from .. import error, paths
+from ..protocol.serialize import loads
+from ..protocol.session import FarmSession, split_identities
+from .asyncresult import AsyncHubResult, AsyncResult, Metadata
+from .display import ExecuteReply
+from .io import ClientIO
+
+__all__ = ["Client"]
+
+_IOPUB = frozenset({"stream", "display_data", "update_display_data", "execute_result",
+                    "error", "clear_output"})
+_REPLIES = frozenset({"apply_reply", "execute_reply"})
+
+
+def _no_cluster_message(where: str) -> str:
+    return (
+        f"No ipyfarm cluster found ({where}). Start one from a shell with "
+        "`ipyfarm start -n 4 --daemonize`, or in Python with "
+        "`rc = ipyfarm.Cluster(n=4).start_and_connect_sync()`; or pass "
+        "Client(url_file=...) / Client(profile=...) for a cluster started elsewhere."
+    )
+
+
+def find_connection_info(url_file: str | Path | None = None,
+                         profile: str | None = None) -> dict:
+    """The controller's connection info: explicit file, profile, this process, newest."""
+    if url_file is not None:
+        path = Path(url_file)
+        if not path.exists():
+            raise error.NoClusterError(_no_cluster_message(f"no file {path}"))
+        return paths.read_json(path)
+    if profile is not None:
+        path = paths.cluster_file(profile)
+        if not path.exists():
+            raise error.NoClusterError(_no_cluster_message(f"no file for profile {profile!r}"))
+        info = paths.read_json(path)
+        if not paths.pid_alive(int(info.get("pid", -1))):
+            raise error.NoClusterError(_no_cluster_message(
+                f"the cluster of profile {profile!r} (pid {info.get('pid')}) is not running"))
+        return info
+    from ..controller.embedded import current_embedded
+
+    embedded = current_embedded()
+    if embedded is not None:
+        return embedded.connection_info()
+    found = paths.find_cluster_files()
+    if not found:
+        raise error.NoClusterError(_no_cluster_message(
+            f"no embedded controller in this process, no running cluster in {paths.runtime_dir()}"))
+    return found[0][1]
+
+
+class Client:
+    """A connection to an ipyfarm controller (ipyparallel-compatible).
+
+    ``Client()`` finds the embedded controller of this process, else the newest
+    running cluster; ``Client(profile="x")`` or ``Client(url_file=path)`` pick one.
+    """
+
+    def __init__(self, url_file: str | Path | None = None, profile: str | None = None,
+                 timeout: float = 10, context: zmq.Context | None = None,
+                 cluster: Any = None, **kwargs: Any):
+        if isinstance(url_file, dict):
+            info = url_file
+        else:
+            info = find_connection_info(url_file, profile)
+        self._info = info
+        self.profile = info.get("profile", profile)
+        self.cluster = cluster
+        self.session = FarmSession(key=info["key"].encode(), username="ipyfarm-client")
+        self.results: dict[str, Any] = {}
+        self.metadata: dict[str, Metadata] = {}
+        self.history: list[str] = []
+        self.outstanding: set[str] = set()
+        self._engines: dict[int, dict] = {}
+        self._watchers: dict[str, list[AsyncResult]] = {}
+        self._hub_waiters: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._engines_changed = threading.Condition()
+        self._closed = False
+        self.hub_shut_down = False
+        self.block = False
+        self.context = context or zmq.Context.instance()
+        self._io = ClientIO(self.context, info["client"], self._on_message)
+        self._io.start()
+        try:
+            reply = self._hub_request("connection_request", {}, timeout=timeout)
+        except error.TimeoutError:
+            self.close()
+            raise error.NoClusterError(
+                f"the controller at {info['client']} (pid {info.get('pid')}) did not answer "
+                f"within {timeout} s. It may have died and left a stale connection file; "
+                "restart the cluster (`ipyfarm stop; ipyfarm start -n 4 --daemonize`)."
+            ) from None
+        with self._engines_changed:
+            self._engines = {int(k): v for k, v in reply["engines"].items()}
+
+    # ------------------------------------------------------------------ engines
+    @property
+    def ids(self) -> list[int]:
+        """Ids of the engines registered now, sorted."""
+        return sorted(self._engines)
+
+    @property
+    def engines(self) -> dict[int, dict]:
+        return dict(self._engines)
+
+    def __len__(self) -> int:
+        return len(self._engines)
+
+    def __getitem__(self, key: Any) -> Any:
+        """``rc[0]``, ``rc[[0, 2]]``, ``rc[::2]``, ``rc[-1]``, ``rc[:]``: DirectViews."""
+        from .view import DirectView
+
+        if isinstance(key, slice) and key == slice(None):
+            return DirectView(self, "all")
+        return DirectView(self, self._resolve_targets(key, keep_single=True))
+
+    def direct_view(self, targets: Any = "all", **kwargs: Any) -> Any:
+        from .view import DirectView
+
+        if targets != "all" and targets is not None:
+            targets = self._resolve_targets(targets, keep_single=True)
+        return DirectView(self, "all" if targets is None else targets, **kwargs)
+
+    def _resolve_targets(self, targets: Any, keep_single: bool = False) -> Any:
+        """Engine ids from ``targets`` (int, list, slice, "all", None)."""
+        ids = self.ids
+        if targets is None or (isinstance(targets, str) and targets == "all"):
+            if not ids:
+                raise error.NoEnginesRegistered(
+                    "no engines are registered with the controller; start some "
+                    "(cluster.start_engines_sync(n)) or wait_for_engines(n)")
+            return ids
+        if isinstance(targets, int):
+            if targets < 0:
+                if -targets > len(ids):
+                    raise IndexError(f"engine index {targets} out of range for {len(ids)} engines")
+                targets = ids[targets]
+            if targets not in self._engines:
+                raise IndexError(f"no engine {targets}; registered engines are {ids}")
+            return targets if keep_single else [targets]
+        if isinstance(targets, slice):
+            chosen = ids[targets]
+            if not chosen:
+                raise IndexError(f"slice {targets} selects no engine of {ids}")
+            return chosen
+        if isinstance(targets, list | tuple | range):
+            out = []
+            for t in targets:
+                if not isinstance(t, int):
+                    raise TypeError(f"engine ids must be ints, got {t!r}")
+                out.append(self._resolve_targets(t, keep_single=True))
+            return out
+        raise TypeError(f"targets must be an int, list of ints, slice or 'all', not {targets!r}")
+
+    def wait_for_engines(self, n: int | None = None, timeout: float | None = -1,
+                         block: bool = True) -> Any:
+        """Wait until at least ``n`` engines are registered (raise TimeoutError otherwise)."""
+        if not block:
+            fut: Future = Future()
+
+            def waiter() -> None:
+                try:
+                    fut.set_result(self.wait_for_engines(n, timeout, True))
+                except Exception as e:
+                    fut.set_exception(e)
+            threading.Thread(target=waiter, daemon=True).start()
+            return fut
+        want = n if n is not None else (getattr(self.cluster, "n", None) or 1)
+        limit = None if timeout is None or timeout < 0 else timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        with self._engines_changed:
+            while len(self._engines) < want:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise error.TimeoutError(
+                        f"{len(self._engines)} of {want} engines registered after {timeout} s; "
+                        "engines may have failed to start (see the cluster's log) or be slow")
+                self._engines_changed.wait(0.5 if left is None else min(left, 0.5))
+        return None
+
+    # ------------------------------------------------------------------ sending
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Client is closed; create a new one")
+        if self.hub_shut_down:
+            raise error.NoClusterError("the controller has shut down; start a new cluster")
+
+    def _send_task(self, msg_type: str, content: dict, buffers: list, engine_id: int | None,
+                   extra_md: dict | None = None, track: bool = False) -> tuple[str, Any]:
+        """Sign and queue one task message; returns ``(msg_id, tracker)``."""
+        self._check_open()
+        md: dict[str, Any] = {"engine_id": engine_id}
+        if extra_md:
+            md.update(extra_md)
+        msg = self.session.msg(msg_type, content=content, metadata=md)
+        msg_id = msg["header"]["msg_id"]
+        frames = self.session.serialize_with_buffers(msg, None, buffers)
+        self.metadata[msg_id] = Metadata(msg_id=msg_id, submitted=msg["header"]["date"],
+                                         engine_id=engine_id)
+        self.outstanding.add(msg_id)
+        self.history.append(msg_id)
+        tracker = self._io.send(frames, track)
+        return msg_id, tracker
+
+    def _hub_request(self, msg_type: str, content: dict, timeout: float | None = 10) -> dict:
+        """Send a request to the controller and wait for its reply content."""
+        self._check_open()
+        msg = self.session.msg(msg_type, content=content)
+        fut: Future = Future()
+        self._hub_waiters[msg["header"]["msg_id"]] = fut
+        self._io.send(self.session.serialize_with_buffers(msg, None, []))
+        try:
+            reply = fut.result(timeout)
+        except FuturesTimeout:
+            self._hub_waiters.pop(msg["header"]["msg_id"], None)
+            raise error.TimeoutError(
+                f"the controller did not answer {msg_type} within {timeout} s; "
+                "it may be overloaded or dead") from None
+        return reply["content"]
+
+    # ------------------------------------------------------------------ receiving (I/O thread)
+    def _on_message(self, frames: list) -> None:
+        try:
+            _, rest = split_identities(frames)
+            msg = self.session.deserialize(rest, content=True, copy=False)
+        except Exception as e:
+            import logging
+
+            logging.getLogger("ipyfarm.client").warning("client: dropped a bad message: %s", e)
+            return
+        mt = msg["msg_type"]
+        if mt in _REPLIES:
+            self._on_reply(msg)
+        elif mt in _IOPUB:
+            self._on_iopub(msg)
+        elif mt == "registration_notification":
+            with self._engines_changed:
+                self._engines[msg["content"]["engine_id"]] = msg["content"]["info"]
+                self._engines_changed.notify_all()
+        elif mt == "unregistration_notification":
+            with self._engines_changed:
+                self._engines.pop(msg["content"]["engine_id"], None)
+                self._engines_changed.notify_all()
+        elif mt == "hub_shutdown_notification":
+            self.hub_shut_down = True
+        else:
+            fut = self._hub_waiters.pop(msg["parent_header"].get("msg_id", ""), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _on_reply(self, msg: dict) -> None:
+        msg_id = msg["parent_header"].get("msg_id")
+        if msg_id is None:
+            return
+        rmd = msg["metadata"] or {}
+        content = msg["content"]
+        md = self.metadata.get(msg_id)
+        if md is None:
+            md = self.metadata[msg_id] = Metadata(msg_id=msg_id)
+        for key in ("engine_id", "engine_uuid", "stdout", "stderr", "outputs",
+                    "execute_result", "error", "status", "started", "completed"):
+            if key in rmd:
+                md[key] = rmd[key]
+        md["status"] = content.get("status")
+        md.update(extract_dates({k: md[k] for k in ("started", "completed") if md[k]}))
+        md["received"] = msg["header"].get("date")
+        status = content.get("status")
+        if status == "ok":
+            if msg["msg_type"] == "apply_reply":
+                try:
+                    result: Any = loads(msg["buffers"])
+                except Exception as e:
+                    result = error.RemoteError(
+                        type(e).__name__, f"the result could not be unpickled here: {e}",
+                        "", {"engine_id": md["engine_id"], "method": "apply"})
+            else:
+                result = ExecuteReply(msg_id, content, md)
+        elif status == "aborted":
+            result = error.TaskAborted(f"task {msg_id} was aborted before it ran")
+        else:
+            result = error.wrap_exception(content)
+        with self._lock:
+            self.results[msg_id] = result
+            self.outstanding.discard(msg_id)
+            watchers = self._watchers.pop(msg_id, ())
+        for ar in watchers:
+            ar._msg_done(msg_id)
+
+    def _on_iopub(self, msg: dict) -> None:
+        msg_id = msg["parent_header"].get("msg_id")
+        md = self.metadata.get(msg_id) if msg_id else None
+        if md is None or msg_id in self.results:
+            return  # the reply's metadata is authoritative once it is in
+        mt, content = msg["msg_type"], msg["content"]
+        if mt == "stream":
+            name = content.get("name", "stdout")
+            md[name] = md.get(name, "") + content.get("text", "")
+        elif mt == "display_data":
+            md["outputs"].append({"data": content.get("data", {}),
+                                  "metadata": content.get("metadata", {})})
+        elif mt == "execute_result":
+            md["execute_result"] = content
+        elif mt == "error":
+            md["error"] = content
+
+    def _watch(self, ar: AsyncResult) -> None:
+        """Tell ``ar`` when each of its messages finishes (at once for finished ones)."""
+        done = []
+        with self._lock:
+            for msg_id in ar.msg_ids:
+                if msg_id in self.results:
+                    done.append(msg_id)
+                else:
+                    self._watchers.setdefault(msg_id, []).append(ar)
+        for msg_id in done:
+            ar._msg_done(msg_id)
+
+    # ------------------------------------------------------------------ waiting
+    def _msg_ids_of(self, jobs: Any) -> list[str]:
+        if jobs is None:
+            return list(self.outstanding)
+        if isinstance(jobs, str | int | AsyncResult):
+            jobs = [jobs]
+        out: list[str] = []
+        for job in jobs:
+            if isinstance(job, AsyncResult):
+                out.extend(job.msg_ids)
+            elif isinstance(job, int):
+                out.append(self.history[job])
+            elif isinstance(job, str):
+                out.append(job)
+            else:
+                raise TypeError(f"expected msg_ids, history indices or AsyncResults, not {job!r}")
+        return out
+
+    def wait(self, jobs: Any = None, timeout: float | None = -1) -> bool:
+        """Wait for ``jobs`` (default: all outstanding); True if all finished in time."""
+        ids = [m for m in self._msg_ids_of(jobs) if m not in self.results]
+        if not ids:
+            return True
+        return AsyncResult(self, ids, "wait", single=False,
+                           return_exceptions=True).wait(timeout)
+
+    def spin(self) -> None:
+        """Kept for compatibility: results arrive on a background thread by themselves."""
+
+    # ------------------------------------------------------------------ control
+    def abort(self, jobs: Any = None, targets: Any = None, block: bool | None = None) -> None:
+        """Abort queued tasks (by msg_id / AsyncResult), or everything queued on ``targets``."""
+        msg_ids = None if jobs is None else self._msg_ids_of(jobs)
+        tgt = None if targets is None else self._resolve_targets(targets)
+        self._hub_request("hub_abort_request", {"msg_ids": msg_ids, "targets": tgt})
+
+    def clear(self, targets: Any = None, block: bool | None = None) -> None:
+        """Empty the namespaces of ``targets`` (default: all engines)."""
+        tgt = None if targets is None else self._resolve_targets(targets)
+        self._hub_request("hub_clear_request", {"targets": tgt})
+
+    def send_signal(self, sig: int | str, targets: Any = None, block: bool | None = None) -> None:
+        """Send a signal (e.g. ``signal.SIGINT`` to interrupt running code) to engines."""
+        signum = int(getattr(_signal, sig)) if isinstance(sig, str) else int(sig)
+        tgt = None if targets is None else self._resolve_targets(targets)
+        self._hub_request("hub_signal_request", {"targets": tgt, "signum": signum})
+
+    def shutdown(self, targets: Any = "all", restart: bool = False, hub: bool = False,
+                 block: bool | None = None) -> None:
+        """Stop engines (``targets``), and the controller too with ``hub=True``."""
+        if restart:
+            raise NotImplementedError("restarting engines is not supported; stop and start them")
+        tgt = None if targets in ("all", None) else self._resolve_targets(targets)
+        self._hub_request("hub_shutdown_request", {"targets": tgt, "hub": bool(hub)})
+
+    # ------------------------------------------------------------------ records
+    def queue_status(self, targets: Any = "all", verbose: bool = False) -> dict:
+        """Per engine: ``{"queue": n, "completed": n, "tasks": n}`` plus ``unassigned``."""
+        tgt = None if targets in ("all", None) else self._resolve_targets(targets)
+        reply = self._hub_request("queue_request", {"targets": tgt, "verbose": verbose})
+        reply.pop("status", None)
+        out: dict[Any, Any] = {}
+        for k, v in reply.items():
+            out[int(k) if k.lstrip("-").isdigit() else k] = v
+        if isinstance(targets, int) and targets in out:
+            return out[targets]
+        return out
+
+    def result_status(self, msg_ids: Any, status_only: bool = True) -> dict:
+        """Which of ``msg_ids`` the controller has finished: ``{"pending": [...], "completed": [...]}``."""
+        ids = self._msg_ids_of(msg_ids)
+        reply = self._hub_request("result_request", {"msg_ids": ids, "status_only": True})
+        return {"pending": reply["pending"], "completed": reply["completed"],
+                "missing": reply["missing"]}
+
+    def _fetch_results(self, msg_ids: list[str]) -> None:
+        reply = self._hub_request("result_request", {"msg_ids": msg_ids})
+        lost = reply["missing"] + reply["released"]
+        if lost:
+            raise KeyError(
+                f"the controller has no result for {lost}: unknown ids, purged, or too large "
+                "to keep (the controller stores results up to a size limit)")
+
+    def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None,
+                   owner: bool = False) -> AsyncResult:
+        """An AsyncResult for earlier tasks, also ones another client submitted."""
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        single = isinstance(indices_or_msg_ids, int | str)
+        ids = self._msg_ids_of(indices_or_msg_ids)
+        local = all(m in self.metadata for m in ids)
+        if local:
+            ar = AsyncResult(self, ids, "get_result", single=single)
+        else:
+            for m in ids:
+                self.metadata.setdefault(m, Metadata(msg_id=m))
+            ar = AsyncHubResult(self, ids, "get_result", single=single)
+            ar._watch_remote()
+        if block if block is not None else self.block:
+            ar.wait()
+        return ar
+
+    def hub_history(self) -> list[str]:
+        """Every msg_id the controller has a record of, oldest first."""
+        return self._hub_request("history_request", {})["history"]
+
+    def purge_local_results(self, jobs: Any = "all") -> None:
+        ids = list(self.results) if jobs == "all" else self._msg_ids_of(jobs)
+        for m in ids:
+            if m in self.outstanding:
+                raise RuntimeError(f"task {m} is still running; wait for it before purging")
+        for m in ids:
+            self.results.pop(m, None)
+            self.metadata.pop(m, None)
+
+    def purge_hub_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        msg_ids: Any = "all" if jobs == "all" else self._msg_ids_of(list(jobs) if jobs else [])
+        engine_ids = [] if not targets else self._resolve_targets(targets)
+        self._hub_request("purge_request", {"msg_ids": msg_ids, "engine_ids": engine_ids})
+
+    def purge_results(self, jobs: Any = (), targets: Any = ()) -> None:
+        """Forget finished results on the controller and here (``jobs="all"`` for all)."""
+        self.purge_hub_results(jobs, targets)
+        if jobs == "all":
+            self.purge_local_results("all")
+        elif jobs:
+            self.purge_local_results(jobs)
+
+    def purge_everything(self) -> None:
+        self.purge_results("all")
+        self.history = [m for m in self.history if m in self.outstanding]
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self, linger: float | None = None) -> None:
+        """Close the connection (engines keep running)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.stop()
+        for fut in list(self._hub_waiters.values()):
+            if not fut.done():
+                fut.set_exception(RuntimeError("client closed"))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Client {self._info.get('client')}: {len(self._engines)} engines>"

@@ -1,0 +1,138 @@
+"""Local engine processes: start, poll, signal, stop (``Popen``'s vocabulary).
+
+A watcher thread polls the children and reports each exit (with its code) to a
+callback, so the controller learns of a dead engine within ``poll_interval``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["LocalEngineLauncher", "engine_command"]
+
+
+def engine_command(controller_file: str | Path, parent_pid: int | None = None,
+                   log_level: str = "WARNING", python: str = sys.executable) -> list[str]:
+    """The command line that starts one engine for the controller in ``controller_file``."""
+    cmd = [python, "-m", "ipyfarm.engine", "--controller-file", str(controller_file),
+           "--log-level", log_level]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
+    return cmd
+
+
+class LocalEngineLauncher:
+    """Engines as child processes of this process."""
+
+    def __init__(self, controller_file: str | Path, log_dir: str | Path | None = None,
+                 on_exit: Callable[[int, int], None] | None = None,
+                 poll_interval: float = 0.2, log_level: str = "WARNING"):
+        self.controller_file = str(controller_file)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.on_exit = on_exit
+        self.poll_interval = poll_interval
+        self.log_level = log_level
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.exited: dict[int, int] = {}
+        self.hostname = socket.gethostname()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self, n: int) -> list[int]:
+        """Start ``n`` engines; returns their pids."""
+        cmd = engine_command(self.controller_file, os.getpid(), self.log_level)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        pids = []
+        for _ in range(n):
+            out = subprocess.DEVNULL
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_dir / f"engine-{time.time_ns()}.log", "ab")  # noqa: SIM115
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT if out is not subprocess.DEVNULL
+                                    else subprocess.DEVNULL, env=env, start_new_session=True)
+            if out is not subprocess.DEVNULL:
+                out.close()
+            with self._lock:
+                self.procs[proc.pid] = proc
+            pids.append(proc.pid)
+        self._ensure_watcher()
+        return pids
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or not self._watcher.is_alive():
+            self._watcher = threading.Thread(target=self._watch, name="ipyfarm-launcher",
+                                             daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                procs = list(self.procs.items())
+            for pid, proc in procs:
+                rc = proc.poll()
+                if rc is not None:
+                    with self._lock:
+                        self.procs.pop(pid, None)
+                        self.exited[pid] = rc
+                    if self.on_exit is not None and not self._stopping.is_set():
+                        self.on_exit(pid, rc)
+            if not procs and not self.procs:
+                time.sleep(self.poll_interval)
+                continue
+            self._stopping.wait(self.poll_interval)
+
+    def poll(self) -> dict[int, int | None]:
+        with self._lock:
+            return {pid: p.poll() for pid, p in self.procs.items()}
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return list(self.procs)
+
+    def signal(self, sig: int, pids: list[int] | None = None) -> None:
+        for pid in pids if pids is not None else self.pids:
+            proc = self.procs.get(pid)
+            if proc is not None and proc.poll() is None:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def stop(self, pids: list[int] | None = None, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; waits for every process."""
+        targets = self.pids if pids is None else [p for p in pids if p in self.procs]
+        if pids is None:
+            self._stopping.set()
+        self.signal(signal.SIGTERM, targets)
+        deadline = time.monotonic() + timeout
+        for pid in targets:
+            proc = self.procs.get(pid)
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            with self._lock:
+                self.procs.pop(pid, None)
+                self.exited[pid] = proc.returncode
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.pids:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True

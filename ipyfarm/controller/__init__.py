@@ -1,0 +1,1 @@
+"""The controller: a pure state machine (``state``) inside a thin I/O shell (``hub``)."""

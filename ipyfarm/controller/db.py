@@ -1,0 +1,122 @@
+"""Task records, kept in memory with a cap on count and on stored result bytes.
+
+Results are stored only while they fit: a single result over ``max_result_bytes``
+is never kept, and the oldest stored payloads are released once the total passes
+``max_total_bytes``. Their records stay (status, times, engine); a later
+``get_result`` of a released payload says so instead of hanging.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+PENDING = "pending"
+DONE_STATES = frozenset({"ok", "error", "aborted"})
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    msg_id: str
+    msg_type: str
+    client_ident: bytes
+    engine_id: int | None
+    submitted: float
+    label: str | None = None
+    status: str = PENDING
+    started: Any = None
+    completed: Any = None
+    received: float | None = None
+    result_frames: Any = None
+    result_nbytes: int = 0
+    released: bool = False  # payload dropped to bound memory
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE_STATES
+
+
+class MemoryTaskDB:
+    """Ordered records (oldest first) with memory bounds."""
+
+    def __init__(
+        self,
+        max_records: int = 200_000,
+        max_total_bytes: int = 32 * 2**20,
+        max_result_bytes: int = 8 * 2**20,
+    ):
+        self.max_records = max_records
+        self.max_total_bytes = max_total_bytes
+        self.max_result_bytes = max_result_bytes
+        self._records: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._stored: OrderedDict[str, int] = OrderedDict()  # msg_id -> nbytes held
+        self.stored_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, msg_id: str) -> bool:
+        return msg_id in self._records
+
+    def __iter__(self) -> Iterator[TaskRecord]:
+        return iter(self._records.values())
+
+    def get(self, msg_id: str) -> TaskRecord | None:
+        return self._records.get(msg_id)
+
+    def add(self, rec: TaskRecord) -> None:
+        self._records[rec.msg_id] = rec
+        if len(self._records) > self.max_records:
+            self._evict_oldest_done(len(self._records) - self.max_records)
+
+    def store_result(self, rec: TaskRecord, frames: Any, nbytes: int) -> None:
+        rec.result_nbytes = nbytes
+        if nbytes > self.max_result_bytes:
+            rec.released = True
+            return
+        rec.result_frames = frames
+        self._stored[rec.msg_id] = nbytes
+        self.stored_bytes += nbytes
+        while self.stored_bytes > self.max_total_bytes and self._stored:
+            old_id, old_n = self._stored.popitem(last=False)
+            self.stored_bytes -= old_n
+            old = self._records.get(old_id)
+            if old is not None:
+                old.result_frames = None
+                old.released = True
+
+    def _release(self, msg_id: str) -> None:
+        n = self._stored.pop(msg_id, None)
+        if n is not None:
+            self.stored_bytes -= n
+
+    def remove(self, msg_id: str) -> None:
+        if self._records.pop(msg_id, None) is not None:
+            self._release(msg_id)
+
+    def _evict_oldest_done(self, count: int) -> None:
+        victims = []
+        for msg_id, rec in self._records.items():
+            if len(victims) >= count:
+                break
+            if rec.done:
+                victims.append(msg_id)
+        for msg_id in victims:
+            self.remove(msg_id)
+
+    def purge(self, msg_ids: list[str] | None = None, engine_ids: list[int] | None = None) -> int:
+        """Forget finished tasks: all of them (``msg_ids=None``), some, or an engine's."""
+        if msg_ids is None and not engine_ids:
+            victims = [m for m, r in self._records.items() if r.done]
+        else:
+            wanted = set(msg_ids or ())
+            engines = set(engine_ids or ())
+            victims = [
+                m
+                for m, r in self._records.items()
+                if r.done and (m in wanted or r.engine_id in engines)
+            ]
+        for msg_id in victims:
+            self.remove(msg_id)
+        return len(victims)

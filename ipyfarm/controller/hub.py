@@ -1,0 +1,471 @@
+"""The controller's I/O shell: sockets in, events to the state machine, commands out.
+
+One thread runs :meth:`Hub.run`. Payload frames are received without copies and
+forwarded unchanged; only headers are decoded. Nothing the hub receives is
+unpickled. Bad input (wrong signature, garbage frames, unknown types) is
+dropped and counted, with a rate-limited log line.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from ..protocol.messages import SchemaError, validate
+from ..protocol.session import DELIM, FarmSession, SignatureError, split_identities
+from . import commands as C
+from . import events as E
+from .state import ControllerState
+
+log = logging.getLogger("ipyfarm.controller")
+
+TASK_TYPES = frozenset({"execute_request", "apply_request"})
+IOPUB_RELAYED = frozenset(
+    {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output"}
+)
+
+
+class RateLimitedLog:
+    """At most one line per ``period`` seconds per kind; counts what it held back."""
+
+    def __init__(self, period: float = 5.0):
+        self.period = period
+        self._last: dict[str, float] = {}
+        self._held: collections.Counter = collections.Counter()
+
+    def warn(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) >= self.period:
+            held = self._held.pop(kind, 0)
+            extra = f" ({held} similar messages suppressed)" if held else ""
+            log.warning("%s%s", text, extra)
+            self._last[kind] = now
+        else:
+            self._held[kind] += 1
+
+
+def _nbytes(frames: list) -> int:
+    return sum(len(f) for f in frames[5:])
+
+
+class Hub:
+    """Sockets and the event loop around a :class:`ControllerState`."""
+
+    def __init__(
+        self,
+        key: bytes | None = None,
+        ip: str = "127.0.0.1",
+        heartbeat_period: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        context: zmq.Context | None = None,
+        state: ControllerState | None = None,
+    ):
+        self.key = key if key is not None else secrets.token_hex(32).encode()
+        self.ip = ip
+        self.session = FarmSession(key=self.key, username="ipyfarm-controller")
+        self.state = state or ControllerState(heartbeat_period, heartbeat_timeout)
+        self.context = context or zmq.Context.instance()
+        self.bad = RateLimitedLog()
+        self.dropped: collections.Counter = collections.Counter()
+        self.on_kill: Callable[[int, int], None] | None = None
+        self.on_shutdown: Callable[[], None] | None = None
+        self._posted: collections.deque = collections.deque()
+        self._post_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._engine_socks: dict[int, tuple[zmq.Socket, zmq.Socket, str]] = {}
+        self._sock_owner: dict[zmq.Socket, int] = {}
+        self._bind()
+
+    # ------------------------------------------------------------------ setup
+    def _bind(self) -> None:
+        ctx = self.context
+        self.client_sock = ctx.socket(zmq.ROUTER)
+        self.reg_sock = ctx.socket(zmq.ROUTER)
+        for s in (self.client_sock, self.reg_sock):
+            s.linger = 0
+            s.router_handover = 1
+            s.setsockopt(zmq.MAXMSGSIZE, -1)
+        self.client_port = self.client_sock.bind_to_random_port(f"tcp://{self.ip}")
+        self.reg_port = self.reg_sock.bind_to_random_port(f"tcp://{self.ip}")
+        self.iopub_sock = ctx.socket(zmq.SUB)
+        self.iopub_sock.linger = 0
+        self.iopub_sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._wake_addr = f"inproc://ipyfarm-hub-wake-{id(self)}"
+        self.wake_pull = ctx.socket(zmq.PULL)
+        self.wake_pull.bind(self._wake_addr)
+        self.wake_push = ctx.socket(zmq.PUSH)
+        self.wake_push.linger = 0
+        self.wake_push.connect(self._wake_addr)
+        self.poller = zmq.Poller()
+        self._handlers: dict[Any, Callable[[list], None]] = {
+            self.client_sock: self._on_client,
+            self.reg_sock: self._on_registration,
+            self.iopub_sock: self._on_iopub,
+            self.wake_pull: self._on_wake,
+        }
+        for s in self._handlers:
+            self.poller.register(s, zmq.POLLIN)
+
+    def connection_info(self) -> dict:
+        return {
+            "key": self.key.decode(),
+            "signature_scheme": self.session.signature_scheme,
+            "location": self.ip,
+            "client": f"tcp://{self.ip}:{self.client_port}",
+            "registration": f"tcp://{self.ip}:{self.reg_port}",
+            "pid": os.getpid(),
+        }
+
+    # ------------------------------------------------------------------ threading
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="ipyfarm-hub", daemon=True)
+        self._thread.start()
+
+    def post(self, event: E.Event) -> None:
+        """Hand an event to the hub from any thread."""
+        self._posted.append(event)
+        with self._post_lock:
+            self.wake_push.send(b"", zmq.NOBLOCK)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._post_lock:
+            try:
+                self.wake_push.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        timer_every = min(0.5, self.state.heartbeat_period)
+        next_timer = time.monotonic() + timer_every
+        try:
+            while not self._stop.is_set():
+                wait = max(0.0, next_timer - time.monotonic())
+                for sock, _ in self.poller.poll(wait * 1000):
+                    handler = self._handlers.get(sock)
+                    if handler is None:
+                        continue
+                    for _ in range(512):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        except zmq.ZMQError:
+                            break
+                        try:
+                            handler(frames)
+                        except Exception:  # a bug or bad input must not stop the hub
+                            log.exception("controller: error handling a message")
+                now = time.monotonic()
+                if now >= next_timer:
+                    self._execute(self.state.handle(E.TimerFired(now)))
+                    next_timer = now + timer_every
+        finally:
+            self._close()
+            self.stopped.set()
+
+    def _close(self) -> None:
+        for shell, control, _ in self._engine_socks.values():
+            shell.close(0)
+            control.close(0)
+        for s in (self.client_sock, self.reg_sock, self.iopub_sock, self.wake_pull):
+            s.close(0)
+        with self._post_lock:
+            self.wake_push.close(0)
+
+    # ------------------------------------------------------------------ input
+    def _decode(self, frames: list, where: str) -> tuple[list[bytes], list, dict] | None:
+        """Split, verify and read the header; None (counted, logged) when bad."""
+        try:
+            idents, rest = split_identities(frames)
+            self.session.verify(rest)
+            header = self.session.unpack(rest[1].bytes)
+            if not isinstance(header, dict) or "msg_type" not in header:
+                raise ValueError("header without msg_type")
+        except SignatureError as e:
+            self.dropped["signature"] += 1
+            self.bad.warn(
+                "sig", f"controller: dropped a message on the {where} port: {e}. "
+                "Likely cause: a peer with another cluster's key, or forged traffic."
+            )
+            return None
+        except Exception as e:
+            self.dropped["malformed"] += 1
+            self.bad.warn("bad", f"controller: dropped a malformed message on the {where} "
+                          f"port: {e}")
+            return None
+        return idents, rest, header
+
+    def _on_wake(self, frames: list) -> None:
+        while self._posted:
+            self._execute(self.state.handle(self._posted.popleft()))
+
+    def _on_client(self, frames: list) -> None:
+        decoded = self._decode(frames, "client")
+        if decoded is None:
+            return
+        idents, rest, header = decoded
+        if not idents:
+            self.dropped["malformed"] += 1
+            return
+        ident = idents[0]
+        msg_type = header["msg_type"]
+        now = time.monotonic()
+        if msg_type in TASK_TYPES:
+            md = self.session.unpack(rest[3].bytes)
+            engine_id = md.get("engine_id") if isinstance(md, dict) else None
+            label = md.get("label") if isinstance(md, dict) else None
+            ev = E.TaskSubmitted(now, header["msg_id"], ident, msg_type, engine_id, rest, label)
+            self._execute(self.state.handle(ev))
+            return
+        try:
+            content = self.session.unpack(rest[4].bytes)
+            validate(msg_type, content)
+        except (SchemaError, ValueError) as e:
+            self.dropped["schema"] += 1
+            self.bad.warn("schema", f"controller: dropped a client request: {e}")
+            return
+        handler = getattr(self, "_q_" + msg_type, None)
+        if handler is None:
+            self.dropped["unknown"] += 1
+            self.bad.warn("unknown", f"controller: unknown request type {msg_type!r}")
+            return
+        handler(ident, header, content)
+
+    def _on_registration(self, frames: list) -> None:
+        decoded = self._decode(frames, "registration")
+        if decoded is None:
+            return
+        idents, rest, header = decoded
+        msg_type = header["msg_type"]
+        try:
+            content = self.session.unpack(rest[4].bytes)
+            validate(msg_type, content)
+        except (SchemaError, ValueError) as e:
+            self.dropped["schema"] += 1
+            self.bad.warn("schema", f"controller: dropped an engine message: {e}")
+            return
+        ident = idents[0] if idents else b""
+        now = time.monotonic()
+        if msg_type == "registration_request":
+            ev: E.Event = E.RegistrationRequested(now, content["uuid"], ident, content)
+        elif msg_type == "heartbeat_request":
+            ev = E.HeartbeatReceived(now, content["uuid"], ident)
+        elif msg_type == "unregistration_request":
+            ev = E.EngineUnregistered(now, content["uuid"])
+        else:
+            self.dropped["unknown"] += 1
+            return
+        self._execute(self.state.handle(ev))
+
+    def _on_engine_shell(self, engine_id: int, frames: list) -> None:
+        decoded = self._decode(frames, f"engine {engine_id} shell")
+        if decoded is None:
+            return
+        idents, rest, header = decoded
+        parent = self.session.unpack(rest[2].bytes)
+        content = self.session.unpack(rest[4].bytes)
+        md = self.session.unpack(rest[3].bytes)
+        msg_id = parent.get("msg_id") if isinstance(parent, dict) else None
+        if msg_id is None:
+            self.dropped["malformed"] += 1
+            return
+        status = content.get("status", "ok") if isinstance(content, dict) else "error"
+        ev = E.ReplyArrived(
+            time.monotonic(), engine_id, msg_id, status, rest, _nbytes(rest),
+            md.get("started"), md.get("completed"), idents[0] if idents else None,
+        )
+        self._execute(self.state.handle(ev))
+
+    def _on_engine_control(self, engine_id: int, frames: list) -> None:
+        self._decode(frames, f"engine {engine_id} control")  # replies need no action
+
+    def _on_iopub(self, frames: list) -> None:
+        topic = frames[0].bytes
+        if topic.endswith((b".status", b".execute_input")) or topic == b"iopub_welcome":
+            return
+        decoded = self._decode(frames, "iopub")
+        if decoded is None:
+            return
+        _, rest, header = decoded
+        if header["msg_type"] not in IOPUB_RELAYED:
+            return
+        parent = self.session.unpack(rest[2].bytes)
+        rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) else None
+        if rec is not None:
+            self.client_sock.send_multipart([rec.client_ident, DELIM, *rest], copy=False)
+
+    # ------------------------------------------------------------------ hub queries
+    def _reply(self, ident: bytes, header: dict, msg_type: str, content: dict,
+               buffers: list | None = None) -> None:
+        self.session.send(self.client_sock, msg_type, content, parent=header, ident=ident,
+                          buffers=buffers)
+
+    def _q_connection_request(self, ident: bytes, header: dict, content: dict) -> None:
+        self._execute(self.state.handle(E.ClientConnected(time.monotonic(), ident)))
+        self._reply(ident, header, "connection_reply",
+                    {"status": "ok", "engines": self.state.engine_table()})
+
+    def _q_queue_request(self, ident: bytes, header: dict, content: dict) -> None:
+        status = self.state.queue_status(content["targets"], bool(content.get("verbose")))
+        reply = {str(k): v for k, v in status.items()}
+        reply["status"] = "ok"
+        self._reply(ident, header, "queue_reply", reply)
+
+    def _q_result_request(self, ident: bytes, header: dict, content: dict) -> None:
+        pending, completed, missing, released = [], [], [], []
+        status_only = bool(content.get("status_only"))
+        for msg_id in content["msg_ids"]:
+            rec = self.state.record(msg_id)
+            if rec is None:
+                missing.append(msg_id)
+            elif not rec.done:
+                pending.append(msg_id)
+            else:
+                completed.append(msg_id)
+                if status_only:
+                    continue
+                if rec.result_frames is not None:
+                    self.client_sock.send_multipart(
+                        [ident, DELIM, *rec.result_frames], copy=False
+                    )
+                else:
+                    released.append(msg_id)
+        self._reply(ident, header, "result_reply", {
+            "status": "ok", "pending": pending, "completed": completed,
+            "missing": missing, "released": released,
+        })
+
+    def _q_history_request(self, ident: bytes, header: dict, content: dict) -> None:
+        self._reply(ident, header, "history_reply",
+                    {"status": "ok", "history": self.state.history()})
+
+    def _q_purge_request(self, ident: bytes, header: dict, content: dict) -> None:
+        ev = E.PurgeRequested(time.monotonic(), content["msg_ids"], content["engine_ids"])
+        self._execute(self.state.handle(ev))
+        self._reply(ident, header, "purge_reply", {"status": "ok"})
+
+    def _q_hub_abort_request(self, ident: bytes, header: dict, content: dict) -> None:
+        ev = E.AbortRequested(time.monotonic(), content["msg_ids"], content["targets"])
+        self._execute(self.state.handle(ev))
+        self._reply(ident, header, "hub_abort_reply", {"status": "ok"})
+
+    def _targets(self, targets: list | None) -> list[int]:
+        live = self.state.live_ids()
+        return live if targets is None else [t for t in targets if t in live]
+
+    def _q_hub_clear_request(self, ident: bytes, header: dict, content: dict) -> None:
+        for engine_id in self._targets(content["targets"]):
+            self._send_control(engine_id, "clear_request", {})
+        self._reply(ident, header, "hub_clear_reply", {"status": "ok"})
+
+    def _q_hub_signal_request(self, ident: bytes, header: dict, content: dict) -> None:
+        for engine_id in self._targets(content["targets"]):
+            self._send_control(engine_id, "signal_request", {"signum": content["signum"]})
+        self._reply(ident, header, "hub_signal_reply", {"status": "ok"})
+
+    def _q_hub_shutdown_request(self, ident: bytes, header: dict, content: dict) -> None:
+        for engine_id in self._targets(content["targets"]):
+            self._send_control(engine_id, "shutdown_request", {"restart": False})
+        self._reply(ident, header, "hub_shutdown_reply", {"status": "ok"})
+        if content["hub"]:
+            self._execute([C.NotifyClients("hub_shutdown_notification", {})])
+            if self.on_shutdown is not None:
+                threading.Thread(target=self.on_shutdown, daemon=True).start()
+            else:
+                self._stop.set()
+
+    # ------------------------------------------------------------------ commands
+    def _execute(self, commands: list) -> None:
+        for cmd in commands:
+            getattr(self, "_do_" + type(cmd).__name__)(cmd)
+
+    def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
+        shell = self._engine_socks[cmd.engine_id][0]
+        shell.send_multipart([cmd.client_ident, DELIM, *cmd.frames], copy=False)
+
+    def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
+        self.client_sock.send_multipart([cmd.client_ident, DELIM, *cmd.frames], copy=False)
+
+    def _do_FailTask(self, cmd: C.FailTask) -> None:
+        reply_type = cmd.msg_type.replace("_request", "_reply")
+        err = {
+            "status": "error", "ename": cmd.ename, "evalue": cmd.evalue, "traceback": [],
+            "engine_info": {"engine_id": cmd.engine_id, "method": cmd.msg_type[:-8]},
+        }
+        md = {"engine_id": cmd.engine_id, "status": "error", "error": err,
+              "msg_type": reply_type}
+        parent = {"msg_id": cmd.msg_id, "msg_type": cmd.msg_type}
+        self.session.send(self.client_sock, reply_type, err, parent=parent,
+                          ident=cmd.client_ident, metadata=md)
+
+    def _do_ConnectEngine(self, cmd: C.ConnectEngine) -> None:
+        ci = cmd.info.get("connection_info", {})
+        transport, ip = ci.get("transport", "tcp"), ci.get("ip", "127.0.0.1")
+
+        def url(port: Any) -> str:
+            return f"tcp://{ip}:{port}" if transport == "tcp" else f"ipc://{ip}-{port}"
+
+        shell = self.context.socket(zmq.DEALER)
+        control = self.context.socket(zmq.DEALER)
+        for s in (shell, control):
+            s.linger = 0
+        shell.connect(url(ci["shell_port"]))
+        control.connect(url(ci["control_port"]))
+        iopub_url = url(ci["iopub_port"])
+        self.iopub_sock.connect(iopub_url)
+        self._engine_socks[cmd.engine_id] = (shell, control, iopub_url)
+        eid = cmd.engine_id
+        self._handlers[shell] = lambda frames: self._on_engine_shell(eid, frames)
+        self._handlers[control] = lambda frames: self._on_engine_control(eid, frames)
+        self.poller.register(shell, zmq.POLLIN)
+        self.poller.register(control, zmq.POLLIN)
+
+    def _do_DisconnectEngine(self, cmd: C.DisconnectEngine) -> None:
+        socks = self._engine_socks.pop(cmd.engine_id, None)
+        if socks is None:
+            return
+        shell, control, iopub_url = socks
+        for s in (shell, control):
+            self.poller.unregister(s)
+            self._handlers.pop(s, None)
+            s.close(0)
+        try:
+            self.iopub_sock.disconnect(iopub_url)
+        except zmq.ZMQError:
+            pass
+
+    def _do_ReplyRegistration(self, cmd: C.ReplyRegistration) -> None:
+        self.session.send(self.reg_sock, "registration_reply", cmd.content, ident=cmd.ident)
+
+    def _do_ReplyHeartbeat(self, cmd: C.ReplyHeartbeat) -> None:
+        status = "ok" if cmd.known else "unknown"
+        self.session.send(self.reg_sock, "heartbeat_reply", {"status": status}, ident=cmd.ident)
+
+    def _do_NotifyClients(self, cmd: C.NotifyClients) -> None:
+        for ident in list(self.state.clients):
+            self.session.send(self.client_sock, cmd.msg_type, cmd.content, ident=ident)
+
+    def _send_control(self, engine_id: int, msg_type: str, content: dict) -> None:
+        socks = self._engine_socks.get(engine_id)
+        if socks is not None:
+            self.session.send(socks[1], msg_type, content)
+
+    def _do_SendControl(self, cmd: C.SendControl) -> None:
+        self._send_control(cmd.engine_id, cmd.msg_type, cmd.content)
+
+    def _do_KillEngine(self, cmd: C.KillEngine) -> None:
+        if self.on_kill is not None:
+            self.on_kill(cmd.engine_id, cmd.pid)

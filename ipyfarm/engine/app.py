@@ -1,0 +1,325 @@
+"""``python -m ipyfarm.engine``: an IPython kernel application that joins a controller.
+
+::
+
+    python -m ipyfarm.engine --controller-file FILE [--ip IP] [--parent-pid PID] [--log-level L]
+    python -m ipyfarm.engine --url tcp://HOST:PORT --key HEX [...]
+    python -m ipyfarm.engine -f CONNECTION_FILE          # a plain kernel, as Jupyter starts it
+
+Startup: parse arguments → read the controller file (key, registration address) → bind the
+five kernel ports on 127.0.0.1 (or ``--ip``) → write ``ipyfarm-engine-<uuid>.json`` (0600)
+in the Jupyter runtime dir → build the kernel → register (blocking, up to 30 s) → serve.
+The engine exits when the controller stops answering heartbeats, answers ``unknown``, or
+when ``--parent-pid`` exits; SIGTERM and ``shutdown_request`` exit cleanly (unregistering).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from typing import Any
+
+from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
+from traitlets import Dict, Float, Integer, Type, Unicode, default
+
+from ipyfarm.engine.capture import EngineSession
+from ipyfarm.engine.kernel import EngineExit, FarmKernel
+from ipyfarm.engine.lifeline import watch_process
+from ipyfarm.engine.link import ControllerLink, RegistrationError
+from ipyfarm.engine.properties import engine_properties
+from ipyfarm.protocol.session import FarmSession
+
+__all__ = ["EngineStartError", "FarmEngineApp", "main"]
+
+#: seconds between "the controller is gone" and a forced exit, if the engine is stuck in
+#: user code and cannot stop by itself
+EXIT_GRACE = 3.0
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class EngineStartError(RuntimeError):
+    """The engine cannot start; the message says why and what to do."""
+
+
+def _error_to_terminal(text: str) -> None:
+    """Write to the engine's real stderr, even after the kernel has captured fd 2."""
+    fd = getattr(sys.stderr, "_original_stdstream_copy", None)
+    if fd is None:
+        fd = sys.__stderr__.fileno() if sys.__stderr__ is not None else 2
+    try:
+        os.write(fd, (text.rstrip("\n") + "\n").encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def read_controller_file(path: str) -> dict[str, Any]:
+    """The controller file's JSON; raise EngineStartError saying what is wrong with it."""
+    what_to_do = (
+        "Start a cluster first (`ipyfarm start`), or pass the file of a running one "
+        "(they are `ipyfarm-<profile>.json` in the Jupyter runtime dir, "
+        "`jupyter --runtime-dir`)."
+    )
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise EngineStartError(
+            f"controller file {path} does not exist. Likely cause: the controller is not "
+            f"running (it removes the file when it stops). {what_to_do}"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise EngineStartError(
+            f"cannot read controller file {path}: {e}. Likely cause: the file is not an "
+            f"ipyfarm controller file, or it is being written. {what_to_do}"
+        ) from None
+    missing = [k for k in ("key", "registration") if not isinstance(info.get(k), str)]
+    if missing:
+        raise EngineStartError(
+            f"controller file {path} lacks {', '.join(missing)}. Likely cause: it was "
+            f"written by an incompatible ipyfarm version. {what_to_do}"
+        )
+    return info
+
+
+def _host_of(url: str) -> str:
+    return url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+
+def _ip_facing(host: str) -> str:
+    """The local address that routes to ``host`` (no packet is sent)."""
+    if host in _LOOPBACK or host.startswith("127."):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+class _DropPlainTcpWarning(logging.Filter):
+    """ipykernel warns about unencrypted TCP on every start; on loopback it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without encryption" not in record.getMessage()
+
+
+engine_aliases = {
+    **kernel_aliases,
+    "controller-file": "FarmEngineApp.controller_file",
+    "url": "FarmEngineApp.url",
+    "key": "FarmEngineApp.key",
+    "signature-scheme": "FarmEngineApp.signature_scheme",
+    "parent-pid": "FarmEngineApp.parent_pid",
+    "registration-timeout": "FarmEngineApp.registration_timeout",
+}
+
+
+class FarmEngineApp(IPKernelApp):
+    """IPKernelApp running a FarmKernel, registered with an ipyfarm controller."""
+
+    name = "ipyfarm-engine"
+    description = "Start an ipyfarm engine (an IPython kernel that runs ipyfarm tasks)."
+    aliases = Dict(engine_aliases)
+    flags = Dict(kernel_flags)
+    kernel_class = Type(FarmKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
+
+    controller_file = Unicode("", help="the controller's JSON file (key, registration)").tag(
+        config=True
+    )
+    url = Unicode("", help="the controller's registration address, tcp://host:port").tag(
+        config=True
+    )
+    key = Unicode("", help="the cluster key (hex), with --url").tag(config=True)
+    signature_scheme = Unicode("hmac-sha256", help="with --url").tag(config=True)
+    parent_pid = Integer(0, help="exit when this process exits").tag(config=True)
+    registration_timeout = Float(30.0, help="seconds to wait for the controller").tag(
+        config=True
+    )
+    engine_uuid = Unicode(help="this engine's uuid (names its connection file)")
+
+    @default("engine_uuid")
+    def _default_engine_uuid(self) -> str:
+        return str(uuid.uuid4())
+
+    @default("session")
+    def _default_session(self) -> EngineSession:
+        return EngineSession(parent=self)
+
+    link: ControllerLink | None = None
+    _exit_code = 0
+
+    # ---- initialisation ---------------------------------------------------------------
+
+    def initialize(self, argv: Any = None) -> None:
+        self._engine_defaults()
+        super().initialize(argv)
+        if self.subapp is None and self.url:
+            self._make_link()
+
+    def _engine_defaults(self) -> None:
+        # one SQLite history file shared by N engines only brings lock contention
+        if "enabled" not in self.config.HistoryManager:
+            self.config.HistoryManager.enabled = False
+
+    def init_connection_file(self) -> None:
+        self._read_controller()
+        if self.url and not self.connection_file:
+            self.connection_file = f"ipyfarm-engine-{self.engine_uuid}.json"
+        super().init_connection_file()
+
+    def _read_controller(self) -> None:
+        if self.controller_file:
+            info = read_controller_file(self.controller_file)
+            self.url = self.url or info["registration"]
+            self.key = info["key"]
+            self.signature_scheme = info.get("signature_scheme", self.signature_scheme)
+            host = _host_of(self.url)
+            if host in ("*", "0.0.0.0", "::") and info.get("location"):
+                self.url = self.url.replace(host, info["location"], 1)
+        if not self.url:
+            return
+        if not self.key:
+            raise EngineStartError(
+                f"no cluster key for the controller at {self.url}. Pass --key HEX with "
+                "--url, or use --controller-file FILE."
+            )
+        self.session.signature_scheme = self.signature_scheme
+        self.session.key = self.key.encode("ascii")
+        ip_given = "ip" in self.config.IPKernelApp or "ip" in self.config.FarmEngineApp
+        if not ip_given and self.transport == "tcp":
+            self.ip = _ip_facing(_host_of(self.url))
+
+    def init_sockets(self) -> None:
+        quiet = self.transport == "ipc" or self.ip in _LOOPBACK or self.ip.startswith("127.")
+        drop = _DropPlainTcpWarning()
+        if quiet:
+            self.log.addFilter(drop)
+        try:
+            super().init_sockets()
+        finally:
+            self.log.removeFilter(drop)
+
+    def log_connection_info(self) -> None:
+        # the stock version prints a Ctrl-C note to stdout; an engine has no terminal user
+        self.log.info("engine connection file: %s", self.abs_connection_file)
+        self._ports = dict(
+            shell=self.shell_port,
+            iopub=self.iopub_port,
+            stdin=self.stdin_port,
+            hb=self.hb_port,
+            control=self.control_port,
+        )
+
+    def init_signal(self) -> None:
+        super().init_signal()
+
+        def terminate(signum: int, frame: Any) -> None:
+            raise EngineExit(0)
+
+        signal.signal(signal.SIGTERM, terminate)
+
+    def _make_link(self) -> None:
+        properties = engine_properties()
+        self.kernel.properties = properties
+        registration = {
+            "uuid": self.engine_uuid,
+            "connection_info": {
+                "transport": self.transport,
+                "ip": self.ip,
+                "shell_port": self.shell_port,
+                "iopub_port": self.iopub_port,
+                "stdin_port": self.stdin_port,
+                "control_port": self.control_port,
+                "hb_port": self.hb_port,
+            },
+            "connection_file": self.abs_connection_file,
+            "pid": os.getpid(),
+            "hostname": properties["hostname"],
+            "properties": properties,
+        }
+        link_session = FarmSession(
+            key=self.session.key, signature_scheme=self.session.signature_scheme,
+            username="ipyfarm-engine",
+        )
+        self.link = ControllerLink(
+            self.url, link_session, self.engine_uuid, registration, self._stop_engine, self.log
+        )
+
+    # ---- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.subapp is not None:
+            return super().start()
+        if self.link is not None:
+            self._register()
+        if self.parent_pid:
+            watch_process(self.parent_pid, self._stop_engine)
+        try:
+            super().start()
+        finally:
+            if self.link is not None:
+                self.link.stop(unregister=self._exit_code == 0)
+        if self._exit_code:
+            self.exit(self._exit_code)
+        return None
+
+    def _register(self) -> None:
+        assert self.link is not None
+        try:
+            info = self.link.register(self.registration_timeout)
+        except RegistrationError as e:
+            where = f"controller file {self.controller_file}" if self.controller_file else (
+                f"--url {self.url}"
+            )
+            _error_to_terminal(
+                f"ipyfarm engine {self.engine_uuid}: registration failed: {e}.\n"
+                "Likely cause: the controller is not running or listens elsewhere (a stale "
+                f"{where}), a firewall blocks the port, or the engine has another cluster "
+                "key (the controller drops badly signed messages).\n"
+                "What to do: check that the cluster is running (`ipyfarm list`), then start "
+                "engines from it, or pass its current controller file."
+            )
+            self.exit(1)
+        self.kernel.engine_id = info["engine_id"]
+        self.log.info("registered as engine %s", info["engine_id"])
+
+    def _stop_engine(self, reason: str) -> None:
+        """Stop because the controller or the parent is gone (called from any thread)."""
+        engine = self.kernel.engine_id if self.kernel is not None else -1
+        _error_to_terminal(
+            f"ipyfarm engine {engine} ({self.engine_uuid}) is exiting: {reason}.\n"
+            "Its tasks and variables are lost; start new engines once the cluster is back."
+        )
+        self._exit_code = 1
+        loop = getattr(self, "io_loop", None)
+        if loop is not None:
+            loop.add_callback(loop.stop)
+            timer = threading.Timer(EXIT_GRACE, self._hard_exit)
+            timer.daemon = True
+            timer.start()
+        else:
+            self._hard_exit()
+
+    def _hard_exit(self) -> None:
+        """Stuck (busy in user code): remove the connection file and exit now."""
+        self.cleanup_connection_file()
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m ipyfarm.engine``."""
+    app = FarmEngineApp.instance()
+    try:
+        app.initialize(argv)
+    except EngineStartError as e:
+        _error_to_terminal(f"ipyfarm engine: {e}")
+        sys.exit(1)
+    app.start()

@@ -1,0 +1,110 @@
+"""Collect the outputs of one request while they are published on iopub.
+
+Every iopub message of the engine goes through :meth:`EngineSession.send` (stdout and
+stderr from the iopub thread, displays and errors from the main thread). While a request
+is being captured (``OutputCapture.begin(msg_id)``), the ``stream``, ``display_data``,
+``execute_result`` and ``error`` messages whose parent is that request are also recorded,
+then ``end(msg_id)`` hands them back for the reply's metadata. Publishing is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ipyfarm.protocol.session import FarmSession
+
+__all__ = ["CAPTURED_TYPES", "Captured", "EngineSession", "OutputCapture"]
+
+CAPTURED_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
+
+
+class Captured:
+    """Outputs of one request, in the shape of the reply metadata."""
+
+    __slots__ = ("_stdout", "_stderr", "outputs", "execute_result", "error")
+
+    def __init__(self) -> None:
+        self._stdout: list[str] = []
+        self._stderr: list[str] = []
+        self.outputs: list[dict] = []
+        self.execute_result: dict | None = None
+        self.error: dict | None = None
+
+    def add(self, msg_type: str, content: dict) -> None:
+        if msg_type == "stream":
+            target = self._stderr if content.get("name") == "stderr" else self._stdout
+            target.append(content.get("text", ""))
+        elif msg_type == "display_data":
+            self.outputs.append(
+                {"data": content.get("data", {}), "metadata": content.get("metadata", {})}
+            )
+        elif msg_type == "execute_result":
+            self.execute_result = {
+                "data": content.get("data", {}),
+                "metadata": content.get("metadata", {}),
+                "execution_count": content.get("execution_count"),
+            }
+        elif msg_type == "error":
+            self.error = content
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "stdout": "".join(self._stdout),
+            "stderr": "".join(self._stderr),
+            "outputs": self.outputs,
+            "execute_result": self.execute_result,
+            "error": self.error,
+        }
+
+
+class OutputCapture:
+    """Requests being captured, by msg_id. Safe to feed from several threads."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, Captured] = {}
+
+    def begin(self, msg_id: str) -> Captured:
+        captured = self.active[msg_id] = Captured()
+        return captured
+
+    def end(self, msg_id: str) -> Captured:
+        return self.active.pop(msg_id, None) or Captured()
+
+    def record(self, msg: dict) -> None:
+        captured = self.active.get(msg["parent_header"].get("msg_id"))
+        if captured is not None:
+            captured.add(msg["header"]["msg_type"], msg["content"])
+
+
+class EngineSession(FarmSession):
+    """The engine's :class:`FarmSession`: records captured outputs as it sends them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.capture = OutputCapture()
+
+    def send(  # type: ignore[override]
+        self,
+        stream: Any,
+        msg_or_type: dict[str, Any] | str,
+        content: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
+        ident: bytes | list[bytes] | None = None,
+        buffers: list | None = None,
+        track: bool = False,
+        header: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        if self.capture.active:
+            if isinstance(msg_or_type, str):
+                if msg_or_type in CAPTURED_TYPES:
+                    msg_or_type = self.msg(
+                        msg_or_type, content=content, parent=parent, header=header,
+                        metadata=metadata,
+                    )
+                    self.capture.record(msg_or_type)
+            elif msg_or_type["header"]["msg_type"] in CAPTURED_TYPES:
+                self.capture.record(msg_or_type)
+        return super().send(
+            stream, msg_or_type, content, parent, ident, buffers, track, header, metadata
+        )

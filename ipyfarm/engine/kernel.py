@@ -1,0 +1,295 @@
+"""FarmKernel: an IPython kernel that also runs ipyfarm tasks.
+
+Shell requests (from the controller, or any Jupyter client)::
+
+    execute_request ─► IPythonKernel.execute_request   (standard cell, outputs on iopub)
+    apply_request   ─► FarmKernel.apply_request         f(*args, **kwargs) in the user namespace
+
+Both replies carry ipyfarm metadata (``engine_id, engine_uuid, started, completed, status,
+stdout, stderr, outputs, execute_result, error, msg_type``), built from the outputs the
+request published, which :class:`~ipyfarm.engine.capture.EngineSession` records.
+
+Control requests (handled on the control thread, so they act while a task runs):
+``abort_request`` (these msg_ids will be answered ``aborted`` instead of running),
+``clear_request`` (empty the user namespace), ``signal_request`` (signal this process:
+SIGINT interrupts the running task).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+import zmq
+from ipykernel.ipkernel import IPythonKernel
+from jupyter_client.session import utcnow
+from traitlets import default
+
+from ipyfarm.engine import ops
+from ipyfarm.engine.capture import Captured, EngineSession
+from ipyfarm.protocol.messages import SchemaError, validate
+from ipyfarm.protocol.serialize import SerializationError, dumps, unpack_apply
+
+__all__ = ["FarmKernel"]
+
+#: how many aborted msg_ids are remembered (ids never seen again would pile up otherwise)
+_ABORTED_LIMIT = 100_000
+
+
+def _describe(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}".removeprefix("builtins.")
+
+
+class EngineExit(SystemExit):
+    """Raised (from a signal handler) to stop the engine; never reported as a task error."""
+
+
+class FarmKernel(IPythonKernel):
+    """IPython kernel with ``apply_request`` and ipyfarm's control requests."""
+
+    implementation = "ipyfarm"
+    msg_types = [*IPythonKernel.msg_types, "apply_request"]
+    control_msg_types = [
+        *IPythonKernel.control_msg_types,
+        "abort_request",
+        "clear_request",
+        "signal_request",
+    ]
+    # outputs are flushed synchronously before each reply; no need to sleep after them
+    _execute_sleep = 0.0
+
+    @default("ident")
+    def _default_ident(self) -> str:
+        # the app picks the uuid first: it names the connection file
+        uuid = getattr(self.parent, "engine_uuid", None)
+        if uuid:
+            return uuid
+        import uuid as _uuid
+
+        return str(_uuid.uuid4())
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.aborted: dict[str, None] = {}  # insertion-ordered set, bounded
+        self.properties: dict[str, Any] = {}
+        ops._bind(self)
+
+    # ---- identity ---------------------------------------------------------------------
+
+    @property
+    def engine_id(self) -> int:
+        """The controller's number for this engine; -1 until registered."""
+        return self.int_id
+
+    @engine_id.setter
+    def engine_id(self, value: int) -> None:
+        self.int_id = int(value)
+
+    @property
+    def engine_uuid(self) -> str:
+        return self.ident
+
+    def _engine_info(self, method: str) -> dict[str, Any]:
+        return {"engine_id": self.int_id, "engine_uuid": self.ident, "method": method}
+
+    @property
+    def _capture(self):
+        session = self.session
+        return session.capture if isinstance(session, EngineSession) else None
+
+    # ---- reply metadata (execute, apply, aborted) -------------------------------------
+
+    def init_metadata(self, parent: dict) -> dict[str, Any]:
+        capture = self._capture
+        if capture is not None:
+            capture.begin(parent["header"]["msg_id"])
+        return {
+            "engine_id": self.int_id,
+            "engine_uuid": self.ident,
+            "started": utcnow(),
+            "msg_type": parent["header"]["msg_type"],
+            "dependencies_met": True,
+        }
+
+    def finish_metadata(self, parent: dict, metadata: dict, reply_content: dict) -> dict:
+        capture = self._capture
+        captured = capture.end(parent["header"]["msg_id"]) if capture else Captured()
+        metadata.update(captured.as_metadata())
+        status = reply_content["status"]
+        metadata["status"] = status
+        metadata["completed"] = utcnow()
+        if status == "error":
+            metadata["error"] = reply_content
+            if reply_content.get("ename") == "UnmetDependency":
+                metadata["dependencies_met"] = False
+        return metadata
+
+    def _flush_output(self) -> None:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
+
+    # ---- shell: apply -----------------------------------------------------------------
+
+    def apply_request(self, stream: Any, ident: list, parent: dict) -> None:
+        """Call ``f(*args, **kwargs)`` from the request's buffers; reply with its result."""
+        metadata = self.init_metadata(parent)
+        reply_content, buffers = self._run_apply(parent)
+        if threading.current_thread() is threading.main_thread():
+            # the task is over: a late Ctrl-C must not cut the reply (post_handler_hook
+            # restores the idle handler)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._flush_output()
+        metadata = self.finish_metadata(parent, metadata, reply_content)
+        self.session.send(
+            stream, "apply_reply", reply_content, parent, ident=ident, buffers=buffers,
+            metadata=metadata,
+        )
+
+    def _run_apply(self, parent: dict) -> tuple[dict, list]:
+        shell = self.shell
+        f = None
+        try:
+            f, args, kwargs = unpack_apply(parent["buffers"], shell.user_ns)
+            result = f(*args, **kwargs)
+            try:
+                buffers = dumps(result)
+            except Exception as e:
+                raise SerializationError(
+                    f"the result of {getattr(f, '__name__', 'the task')} (type "
+                    f"{_describe(result)}) cannot be pickled to send back: {e}. Return "
+                    "something picklable (plain data, arrays), or store the object in an "
+                    "engine variable and pull what you need from it."
+                ) from None
+            return {"status": "ok"}, buffers
+        except EngineExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - every task error is reported, not raised
+            return self._error_content(e, "apply", f is None), []
+
+    def _error_content(self, exc: BaseException, method: str, unpacking: bool) -> dict:
+        """Publish the traceback on iopub (IPython formatting) and build the error reply."""
+        shell = self.shell
+        shell._last_traceback = None
+        if unpacking:
+            exc = _unpack_failure(exc)
+        try:
+            shell.showtraceback((type(exc), exc, exc.__traceback__), tb_offset=1)
+        except Exception:
+            self.log.error("could not format the traceback of %r", exc, exc_info=True)
+        stb = shell._last_traceback or traceback.format_exception(exc)
+        shell._last_traceback = None
+        try:
+            evalue = str(exc)
+        except Exception as str_error:
+            evalue = f"<str() of the exception failed: {str_error!r}>"
+        return {
+            "status": "error",
+            "ename": type(exc).__name__,
+            "evalue": evalue,
+            "traceback": stb,
+            "engine_info": self._engine_info(method),
+        }
+
+    # ---- shell: aborted requests ------------------------------------------------------
+
+    def should_handle(self, stream: Any, msg: dict, idents: list) -> bool:
+        msg_id = msg["header"]["msg_id"]
+        if msg_id in self.aborted:
+            del self.aborted[msg_id]
+            self._send_abort_reply(stream, msg, idents)
+            return False
+        if msg["header"]["msg_type"] == "apply_request" and self._aborting:
+            self._send_abort_reply(stream, msg, idents)
+            return False
+        return True
+
+    def _send_abort_reply(self, stream: Any, msg: dict, idents: list) -> None:
+        self.log.info("aborting %s %s", msg["header"]["msg_type"], msg["header"]["msg_id"])
+        content = {"status": "aborted"}
+        metadata = self.finish_metadata(msg, self.init_metadata(msg), content)
+        reply_type = msg["header"]["msg_type"].rsplit("_", 1)[0] + "_reply"
+        self.session.send(
+            stream, reply_type, content, msg, ident=idents, metadata=metadata
+        )
+
+    # ---- control ----------------------------------------------------------------------
+
+    def _valid(self, parent: dict) -> bool:
+        msg_type = parent["header"]["msg_type"]
+        try:
+            validate(msg_type, parent["content"])
+        except SchemaError as e:
+            self.log.error("dropped a malformed %s: %s", msg_type, e)
+            return False
+        return True
+
+    def abort_request(self, stream: Any, ident: list, parent: dict) -> None:
+        """Answer the listed tasks ``aborted`` when they come up; an empty list aborts
+        everything queued now."""
+        if not self._valid(parent):
+            return
+        msg_ids = parent["content"]["msg_ids"]
+        if not msg_ids:
+            self._abort_queues()
+        for msg_id in msg_ids:
+            self.aborted[str(msg_id)] = None
+        while len(self.aborted) > _ABORTED_LIMIT:
+            del self.aborted[next(iter(self.aborted))]
+        self.session.send(stream, "abort_reply", {"status": "ok"}, parent, ident=ident)
+
+    def clear_request(self, stream: Any, ident: list, parent: dict) -> None:
+        """Empty the user namespace (IPython's own names come back)."""
+        if not self._valid(parent):
+            return
+        self.clear_namespace()
+        self.session.send(stream, "clear_reply", {"status": "ok"}, parent, ident=ident)
+
+    def clear_namespace(self) -> None:
+        self.shell.reset(new_session=False)
+
+    def signal_request(self, stream: Any, ident: list, parent: dict) -> None:
+        """Send ``signum`` to this engine process (SIGINT interrupts the running task)."""
+        if not self._valid(parent):
+            return
+        signum = parent["content"]["signum"]
+        try:
+            signum = signal.Signals(signum)
+        except ValueError:
+            content = {
+                "status": "error",
+                "ename": "ValueError",
+                "evalue": f"{signum} is not a signal number on this engine's platform",
+                "traceback": [],
+            }
+            self.session.send(stream, "signal_reply", content, parent, ident=ident)
+            return
+        # reply first: the signal may end this process
+        self.session.send(stream, "signal_reply", {"status": "ok"}, parent, ident=ident)
+        if stream is not None and hasattr(stream, "flush"):
+            stream.flush(zmq.POLLOUT)
+        os.kill(os.getpid(), signum)
+
+
+def _unpack_failure(exc: BaseException) -> BaseException:
+    """Say that a task could not even be rebuilt on the engine (a missing module, usually)."""
+    if isinstance(exc, (KeyboardInterrupt, NameError)):
+        return exc  # an interrupt, or a Reference to a missing name: already clear
+    hint = ""
+    if isinstance(exc, (ModuleNotFoundError, AttributeError)):
+        hint = (
+            " Likely cause: the function or an argument needs a module (or a version of "
+            "it) that this engine's Python lacks; install it where the engine runs."
+        )
+    wrapped = SerializationError(
+        f"could not unpickle the task on this engine: {type(exc).__name__}: {exc}.{hint}"
+    )
+    wrapped.__cause__ = exc
+    wrapped.__traceback__ = exc.__traceback__
+    return wrapped

@@ -1,0 +1,1 @@
+"""Pure wire protocol: message codec, schemas and serialization. No sockets, no threads."""

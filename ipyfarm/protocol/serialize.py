@@ -1,0 +1,200 @@
+"""Objects <-> frames: cloudpickle with pickle protocol 5 out-of-band buffers.
+
+``dumps(obj)`` returns ``[pickle_bytes, buf0, buf1, ...]``: numpy arrays,
+memoryviews and large ``bytes`` leave the pickle as separate frames without a
+copy; ``loads(frames)`` rebuilds the object on views of those frames, so a
+received numpy array is a read-only view of the message buffer (copy it to
+write, as the seeds describe).
+
+Apply requests pickle ``(f, args, kwargs)`` as one object. When pickling fails,
+the culprit is found and named: ``argument 2 (a generator)``.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import cloudpickle
+
+__all__ = [
+    "OOB_THRESHOLD",
+    "Reference",
+    "SerializationError",
+    "dumps",
+    "interactive",
+    "loads",
+    "pack_apply",
+    "unpack_apply",
+]
+
+#: buffers smaller than this stay inside the pickle (a frame has its own cost)
+OOB_THRESHOLD = 1024
+
+
+class SerializationError(TypeError):
+    """An object could not be pickled; the message names it and where it sat."""
+
+
+def _rebuild_bytes(view: Any) -> bytes:
+    return bytes(view)
+
+
+def _rebuild_memoryview(view: Any) -> memoryview:
+    return memoryview(view)
+
+
+class _OOBBytes:
+    """Wraps a large ``bytes`` so that it pickles out of band (pickle never asks a
+    reducer about exact ``bytes``). Used for the object itself, apply arguments
+    and the values of a top-level dict (``push``)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _rebuild_bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _wrap(obj: Any) -> Any:
+    if type(obj) is bytes and len(obj) >= OOB_THRESHOLD:
+        return _OOBBytes(obj)
+    return obj
+
+
+def _wrap_top(obj: Any) -> Any:
+    if type(obj) is dict:
+        return {k: _wrap(v) for k, v in obj.items()}
+    return _wrap(obj)
+
+
+class _Pickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        # large memoryviews travel out of band instead of inside the pickle
+        t = type(obj)
+        if t is memoryview and obj.nbytes >= OOB_THRESHOLD and obj.contiguous:
+            return _rebuild_memoryview, (pickle.PickleBuffer(obj),)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> list:
+    """Pickle ``obj``; return ``[pickle, *out_of_band_buffers]``."""
+    buffers: list = []
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        view = buf.raw()
+        if view.nbytes < OOB_THRESHOLD:
+            return True  # in band
+        buffers.append(view)
+        return False
+
+    f = io.BytesIO()
+    _Pickler(f, protocol=5, buffer_callback=keep).dump(_wrap_top(obj))
+    return [f.getvalue(), *buffers]
+
+
+def loads(frames: list) -> Any:
+    """Inverse of :func:`dumps`; buffers may be bytes, memoryviews or zmq Frames."""
+    views = [f if isinstance(f, bytes | memoryview) else f.buffer for f in frames]
+    return pickle.loads(views[0], buffers=views[1:])
+
+
+def _describe(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}".removeprefix("builtins.")
+
+
+def _find_culprit(f: Any, args: tuple, kwargs: dict) -> str:
+    places = [("the function", f)]
+    places += [(f"argument {i}", a) for i, a in enumerate(args)]
+    places += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for where, obj in places:
+        try:
+            dumps(obj)
+        except Exception as e:
+            return f"{where} (type {_describe(obj)}): {e}"
+    return "an unknown part of the call"
+
+
+def pack_apply(f: Any, args: tuple, kwargs: dict) -> list:
+    """Frames for an apply request; raise SerializationError naming what can't be pickled."""
+    try:
+        wrapped_args = tuple(_wrap_top(a) for a in args)
+        wrapped_kwargs = {k: _wrap_top(v) for k, v in kwargs.items()}
+        return dumps((f, wrapped_args, wrapped_kwargs))
+    except Exception as e:
+        culprit = _find_culprit(f, args, kwargs)
+        raise SerializationError(
+            f"cannot send {culprit}. Nothing was sent. Objects sent to engines must be "
+            "picklable by cloudpickle; pass data the engine can rebuild (e.g. a file name "
+            "instead of an open file) or create the object on the engine."
+        ) from e
+
+
+def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
+    """Rebuild ``(f, args, kwargs)``; resolve References and rebind interactive functions."""
+    f, args, kwargs = loads(frames)
+    f = bind_interactive(f, namespace)
+    args = tuple(a.resolve(namespace) if isinstance(a, Reference) else a for a in args)
+    kwargs = {
+        k: v.resolve(namespace) if isinstance(v, Reference) else v for k, v in kwargs.items()
+    }
+    return f, args, kwargs
+
+
+def bind_interactive(f: Any, namespace: dict) -> Any:
+    """Functions defined interactively (module ``__main__``) see the engine's namespace.
+
+    Globals they captured on the client that the engine lacks are added to it, as
+    if pushed. Functions from importable modules keep their module's globals.
+    """
+    import types
+
+    if not isinstance(f, types.FunctionType) or f.__module__ != "__main__":
+        return f
+    if f.__globals__ is namespace:
+        return f
+    for name, value in f.__globals__.items():
+        if name not in namespace and not name.startswith("__"):
+            namespace[name] = value
+    g = types.FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__dict__.update(f.__dict__)
+    g.__doc__ = f.__doc__
+    g.__qualname__ = f.__qualname__
+    return g
+
+
+def interactive(f: Any) -> Any:
+    """Decorator: make ``f`` resolve its globals in the engine's namespace."""
+    f.__module__ = "__main__"
+    return f
+
+
+class Reference:
+    """A name to look up in the engine's namespace when a task runs there.
+
+    ``view.apply(f, ipp.Reference("a"))`` calls ``f(a)`` with the engine's ``a``.
+    """
+
+    def __init__(self, name: str):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"Reference needs a variable name, got {name!r}")
+        self.name = name
+
+    def resolve(self, namespace: dict) -> Any:
+        try:
+            return namespace[self.name]
+        except KeyError:
+            raise NameError(f"name {self.name!r} is not defined on this engine") from None
+
+    def __repr__(self) -> str:
+        return f"<Reference: {self.name!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reference) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("Reference", self.name))

@@ -1,0 +1,129 @@
+"""The pure codec and serializer, round-tripped without sockets."""
+
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+
+from ipyfarm.protocol import serialize
+from ipyfarm.protocol.messages import SchemaError, validate
+from ipyfarm.protocol.session import DELIM, FarmSession, SignatureError, split_identities
+
+
+@pytest.fixture
+def session():
+    return FarmSession(key=b"secret")
+
+
+def test_signature_covers_buffers(session):
+    msg = session.msg("apply_request", {}, metadata={"engine_id": 0})
+    frames = session.serialize_with_buffers(msg, [b"ident"], [b"payload" * 300])
+    idents, rest = split_identities(frames)
+    assert idents == [b"ident"]
+    back = FarmSession(key=b"secret").deserialize(rest)
+    assert bytes(back["buffers"][0]) == b"payload" * 300
+    tampered = list(rest)
+    tampered[-1] = b"Payload" * 300
+    with pytest.raises(SignatureError, match="invalid signature"):
+        FarmSession(key=b"secret").deserialize(tampered)
+
+
+def test_without_buffers_the_signature_is_standard_jupyter(session):
+    from jupyter_client.session import Session
+
+    msg = session.msg("execute_request", {"code": "1"})
+    frames = session.serialize_with_buffers(msg, None, [])
+    _, rest = split_identities(frames)
+    assert Session(key=b"secret").deserialize(rest)["content"] == {"code": "1"}
+
+
+def test_wrong_key_and_replay_are_rejected(session):
+    frames = session.serialize_with_buffers(session.msg("connection_request", {}), None, [])
+    _, rest = split_identities(frames)
+    with pytest.raises(SignatureError):
+        FarmSession(key=b"other").deserialize(rest)
+    receiver = FarmSession(key=b"secret")
+    receiver.deserialize(rest)
+    with pytest.raises(SignatureError, match="replayed"):
+        receiver.deserialize(rest)
+
+
+def test_garbage_is_rejected_before_decoding():
+    with pytest.raises(ValueError):
+        split_identities([b"x"] * 100)
+    with pytest.raises(SignatureError, match="malformed"):
+        FarmSession(key=b"k").verify([b"sig", b"{}"])
+
+
+def test_numpy_arrays_travel_out_of_band_and_arrive_read_only():
+    a = np.arange(100_000, dtype="float64")
+    frames = serialize.dumps({"a": a, "small": np.arange(3)})
+    assert len(frames) == 2 and len(frames[0]) < 1000  # the big array is its own frame
+    assert frames[1].obj is a or np.shares_memory(np.frombuffer(frames[1], "float64"), a)
+    back = serialize.loads([bytes(frames[0]), bytes(frames[1])])["a"]
+    assert (back == a).all() and not back.flags.writeable
+
+
+def test_large_bytes_and_memoryviews_travel_out_of_band():
+    blob = b"x" * 100_000
+    frames = serialize.pack_apply(len, (blob, memoryview(blob)), {"k": {"v": blob}})
+    assert len(frames) == 4 and len(frames[0]) < 1000
+    _, (b, m), kw = serialize.unpack_apply(frames, {})
+    assert kw["k"]["v"] == blob
+    assert b == blob and isinstance(b, bytes)
+    assert isinstance(m, memoryview) and m.tobytes() == blob
+
+
+def test_unpicklable_argument_is_named_with_position():
+    with pytest.raises(serialize.SerializationError, match=r"argument 1 \(type generator\)"):
+        serialize.pack_apply(print, (1, (x for x in "ab")), {})
+    with pytest.raises(serialize.SerializationError, match=r"keyword argument 'lock'"):
+        import threading
+
+        serialize.pack_apply(print, (), {"lock": threading.Lock()})
+
+
+def test_apply_roundtrip_resolves_references_and_binds_interactive_globals():
+    ns = {"a": 5}
+
+    def f(x, y):
+        return a + x + y  # noqa: F821  (a is the engine's)
+
+    f.__module__ = "__main__"
+    frames = serialize.pack_apply(f, (serialize.Reference("a"),), {"y": 1})
+    g, args, kwargs = serialize.unpack_apply(frames, ns)
+    assert g(*args, **kwargs) == 11
+
+
+def test_schemas_reject_missing_and_mistyped_keys():
+    validate("registration_reply", {"status": "ok"})
+    with pytest.raises(SchemaError, match="missing key 'status'"):
+        validate("registration_reply", {})
+    with pytest.raises(SchemaError, match="'signum' must be int"):
+        validate("signal_request", {"signum": "INT"})
+    with pytest.raises(SchemaError, match="unknown message type"):
+        validate("nope", {})
+
+
+PURE = ["ipyfarm/protocol", "ipyfarm/controller/state.py", "ipyfarm/controller/events.py",
+        "ipyfarm/controller/commands.py", "ipyfarm/controller/db.py"]
+FORBIDDEN = {"zmq", "asyncio", "threading", "IPython", "ipywidgets", "ipykernel", "tornado"}
+
+
+def test_pure_layers_import_no_io():
+    root = pathlib.Path(__file__).parent.parent
+    files = []
+    for p in PURE:
+        path = root / p
+        files += sorted(path.glob("*.py")) if path.is_dir() else [path]
+    for file in files:
+        tree = ast.parse(file.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in FORBIDDEN, f"{file} imports {name}"

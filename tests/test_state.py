@@ -1,0 +1,152 @@
+"""Stories for the controller's pure state machine: events in, commands out, no sockets."""
+
+import pytest
+
+from ipyfarm.controller import commands as C
+from ipyfarm.controller import events as E
+from ipyfarm.controller.state import ControllerState
+
+
+def kinds(cmds):
+    return [type(c).__name__ for c in cmds]
+
+
+@pytest.fixture
+def state():
+    s = ControllerState(heartbeat_period=1.0, heartbeat_timeout=10.0)
+    yield s
+    s.check_invariants()
+
+
+def register(state, uuid="u0", now=0.0, pid=100):
+    info = {"uuid": uuid, "pid": pid, "hostname": "h", "connection_info": {"shell_port": 1}}
+    return state.handle(E.RegistrationRequested(now, uuid, b"id-" + uuid.encode(), info))
+
+
+def submit(state, msg_id, engine_id, now=1.0, client=b"c1"):
+    return state.handle(E.TaskSubmitted(now, msg_id, client, "apply_request", engine_id, ["f"]))
+
+
+def test_registration_assigns_ids_in_order_and_notifies(state):
+    cmds = register(state, "a")
+    assert kinds(cmds) == ["ConnectEngine", "ReplyRegistration", "NotifyClients"]
+    assert cmds[1].content == {"status": "ok", "engine_id": 0, "heartbeat_period": 1.0}
+    assert register(state, "b")[1].content["engine_id"] == 1
+    assert state.live_ids() == [0, 1]
+
+
+def test_same_engine_registering_twice_keeps_its_id(state):
+    register(state, "a")
+    cmds = register(state, "a", now=2.0)
+    assert kinds(cmds) == ["ReplyRegistration"]
+    assert cmds[0].content["engine_id"] == 0
+    assert state.live_ids() == [0]
+
+
+def test_direct_task_is_dispatched_then_delivered(state):
+    register(state, "a")
+    cmds = submit(state, "m1", 0)
+    assert cmds == [C.DispatchTask(0, "m1", b"c1", ["f"])]
+    assert state.queue_status() == {0: {"queue": 1, "completed": 0, "tasks": 0}, "unassigned": 0}
+    cmds = state.handle(E.ReplyArrived(2.0, 0, "m1", "ok", ["r"], 10))
+    assert cmds == [C.DeliverResult(b"c1", "m1", ["r"])]
+    assert state.record("m1").status == "ok"
+    assert state.record("m1").result_frames == ["r"]
+    assert state.queue_status()[0]["completed"] == 1
+
+
+def test_task_for_unknown_engine_fails_at_once_naming_the_engines(state):
+    register(state, "a")
+    (cmd,) = submit(state, "m1", 7)
+    assert isinstance(cmd, C.FailTask)
+    assert cmd.ename == "EngineError" and "no engine 7" in cmd.evalue and "[0]" in cmd.evalue
+    assert state.record("m1").status == "error"
+
+
+def test_engine_death_fails_its_tasks_with_the_exit_reason(state):
+    register(state, "a", pid=100)
+    submit(state, "m1", 0)
+    submit(state, "m2", 0)
+    cmds = state.handle(E.EngineProcessExited(3.0, 100, "h", -9))
+    assert kinds(cmds) == ["FailTask", "FailTask", "DisconnectEngine", "NotifyClients"]
+    assert {c.msg_id for c in cmds[:2]} == {"m1", "m2"}
+    assert "SIGKILL" in cmds[0].evalue and "out of memory" in cmds[0].evalue
+    assert state.live_ids() == []
+    # a late reply from the dead engine is dropped, not delivered twice
+    assert state.handle(E.ReplyArrived(4.0, 0, "m1", "ok", ["r"], 1)) == []
+    # and new work for it fails, saying why
+    (cmd,) = submit(state, "m3", 0)
+    assert "dead" in cmd.evalue and "SIGKILL" in cmd.evalue
+
+
+def test_exit_of_an_unknown_pid_changes_nothing(state):
+    register(state, "a", pid=100)
+    assert state.handle(E.EngineProcessExited(3.0, 999, "h", 0)) == []
+    assert state.live_ids() == [0]
+
+
+def test_heartbeat_silence_loses_the_engine_and_asks_to_kill_it(state):
+    register(state, "a", now=0.0, pid=100)
+    assert state.handle(E.HeartbeatReceived(5.0, "a", b"x")) == [C.ReplyHeartbeat(b"x", True)]
+    assert state.handle(E.TimerFired(14.0)) == []
+    cmds = state.handle(E.TimerFired(15.5))
+    assert kinds(cmds) == ["DisconnectEngine", "NotifyClients", "KillEngine"]
+    assert "no heartbeat for 10.5 s" in cmds[1].content["reason"]
+    # the engine, if it still lives, is told it is unknown and exits
+    assert state.handle(E.HeartbeatReceived(16.0, "a", b"x")) == [C.ReplyHeartbeat(b"x", False)]
+
+
+def test_unregistration_is_a_clean_loss(state):
+    register(state, "a")
+    cmds = state.handle(E.EngineUnregistered(2.0, "a"))
+    assert kinds(cmds) == ["DisconnectEngine", "NotifyClients"]
+    assert cmds[1].content["reason"] == "it shut down"
+
+
+def test_abort_targets_only_queued_ids_of_each_engine(state):
+    register(state, "a")
+    register(state, "b")
+    submit(state, "m1", 0)
+    submit(state, "m2", 1)
+    cmds = state.handle(E.AbortRequested(2.0, ["m2", "zzz"], None))
+    assert cmds == [C.SendControl(1, "abort_request", {"msg_ids": ["m2"]})]
+    cmds = state.handle(E.AbortRequested(2.0, None, [0]))
+    assert cmds == [C.SendControl(0, "abort_request", {"msg_ids": ["m1"]})]
+
+
+def test_purge_forgets_finished_records_only(state):
+    register(state, "a")
+    submit(state, "m1", 0)
+    submit(state, "m2", 0)
+    state.handle(E.ReplyArrived(2.0, 0, "m1", "ok", ["r"], 1))
+    state.handle(E.PurgeRequested(3.0, "all"))
+    assert state.history() == ["m2"]
+    assert state.db.stored_bytes == 0
+
+
+def test_result_storage_is_bounded():
+    s = ControllerState()
+    s.db.max_total_bytes = 100
+    s.db.max_result_bytes = 60
+    register(s, "a")
+    for i in range(5):
+        submit(s, f"m{i}", 0)
+        s.handle(E.ReplyArrived(2.0, 0, f"m{i}", "ok", ["r"], 40))
+    submit(s, "big", 0)
+    s.handle(E.ReplyArrived(2.0, 0, "big", "ok", ["r"], 61))
+    assert s.db.stored_bytes <= 100
+    assert s.record("big").released and s.record("big").result_frames is None
+    assert s.record("m0").released and s.record("m4").result_frames == ["r"]
+    s.check_invariants()
+
+
+def test_record_count_is_capped_keeping_pending_tasks():
+    s = ControllerState()
+    s.db.max_records = 3
+    register(s, "a")
+    submit(s, "p", 0)  # stays pending
+    for i in range(5):
+        submit(s, f"m{i}", 0)
+        s.handle(E.ReplyArrived(2.0, 0, f"m{i}", "ok", None, 0))
+    assert "p" in s.history() and len(s.db) == 3
+    s.check_invariants()
