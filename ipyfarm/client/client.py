@@ -8,6 +8,7 @@ Data flow::
 
 from __future__ import annotations
 
+import os
 import signal as _signal
 import threading
 import time
@@ -102,7 +103,10 @@ class Client:
         self.hub_shut_down = False
         self.block = False
         self.context = context or zmq.Context.instance()
-        self._io = ClientIO(self.context, info["client"], self._on_message)
+        url = info["client"]
+        if info.get("inproc") and info.get("pid") == os.getpid() and context is None:
+            url = info["inproc"]  # an embedded controller of this process: no TCP
+        self._io = ClientIO(self.context, url, self._on_message)
         self._io.start()
         try:
             reply = self._hub_request("connection_request", {}, timeout=timeout)
@@ -445,7 +449,8 @@ class Client:
         return self._hub_request("history_request", {})["history"]
 
     def purge_local_results(self, jobs: Any = "all") -> None:
-        ids = list(self.results) if jobs == "all" else self._msg_ids_of(jobs)
+        all_ = isinstance(jobs, str) and jobs == "all"
+        ids = list(self.results) if all_ else self._msg_ids_of(jobs)
         for m in ids:
             if m in self.outstanding:
                 raise RuntimeError(f"task {m} is still running; wait for it before purging")
@@ -454,14 +459,17 @@ class Client:
             self.metadata.pop(m, None)
 
     def purge_hub_results(self, jobs: Any = (), targets: Any = ()) -> None:
-        msg_ids: Any = "all" if jobs == "all" else self._msg_ids_of(list(jobs) if jobs else [])
+        if isinstance(jobs, str) and jobs == "all":
+            msg_ids: Any = "all"
+        else:
+            msg_ids = self._msg_ids_of(jobs) if jobs else []
         engine_ids = [] if not targets else self._resolve_targets(targets)
         self._hub_request("purge_request", {"msg_ids": msg_ids, "engine_ids": engine_ids})
 
     def purge_results(self, jobs: Any = (), targets: Any = ()) -> None:
         """Forget finished results on the controller and here (``jobs="all"`` for all)."""
         self.purge_hub_results(jobs, targets)
-        if jobs == "all":
+        if isinstance(jobs, str) and jobs == "all":
             self.purge_local_results("all")
         elif jobs:
             self.purge_local_results(jobs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import threading
 from typing import Any, Iterator
 
 from ..protocol.serialize import pack_apply
@@ -292,9 +293,12 @@ class DirectView(View):
         real_import = builtins.__import__
         view = self
         depth = [0]
+        owner = threading.get_ident()
 
         def importer(name: str, globals: Any = None, locals: Any = None,
                      fromlist: Any = (), level: int = 0) -> Any:
+            if threading.get_ident() != owner:  # other threads import as usual
+                return real_import(name, globals, locals, fromlist, level)
             top = depth[0] == 0
             depth[0] += 1
             try:

@@ -22,8 +22,9 @@ __all__ = ["LocalEngineLauncher", "engine_command"]
 def engine_command(controller_file: str | Path, parent_pid: int | None = None,
                    log_level: str = "WARNING", python: str = sys.executable) -> list[str]:
     """The command line that starts one engine for the controller in ``controller_file``."""
+    level = {"WARNING": "WARN"}.get(log_level.upper(), log_level.upper())
     cmd = [python, "-m", "ipyfarm.engine", "--controller-file", str(controller_file),
-           "--log-level", log_level]
+           "--log-level", level]
     if parent_pid is not None:
         cmd += ["--parent-pid", str(parent_pid)]
     return cmd

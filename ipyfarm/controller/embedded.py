@@ -35,7 +35,10 @@ class EmbeddedController:
         self._info: dict[str, Any] = {}
 
     def connection_info(self) -> dict:
-        return dict(self._info)
+        """What a client needs; in this process it may use the in-process transport."""
+        info = dict(self._info)
+        info["inproc"] = self.hub.inproc_url
+        return info
 
     def start(self, extra: dict | None = None) -> None:
         from datetime import datetime, timezone

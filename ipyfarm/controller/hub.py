@@ -95,6 +95,9 @@ class Hub:
             s.router_handover = 1
             s.setsockopt(zmq.MAXMSGSIZE, -1)
         self.client_port = self.client_sock.bind_to_random_port(f"tcp://{self.ip}")
+        # clients in this process (same zmq context) skip TCP
+        self.inproc_url = f"inproc://ipyfarm-hub-{os.getpid()}-{id(self)}"
+        self.client_sock.bind(self.inproc_url)
         self.reg_port = self.reg_sock.bind_to_random_port(f"tcp://{self.ip}")
         self.iopub_sock = ctx.socket(zmq.SUB)
         self.iopub_sock.linger = 0

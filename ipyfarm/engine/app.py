@@ -111,6 +111,21 @@ class _DropPlainTcpWarning(logging.Filter):
         return "without encryption" not in record.getMessage()
 
 
+class _OneLineDrops(logging.Filter):
+    """A dropped (badly signed, malformed) message is worth one line, not a traceback."""
+
+    _MESSAGES = ("Invalid message", "Invalid Message", "Invalid Control Message")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self._MESSAGES and record.exc_info and record.exc_info[1]:
+            exc = record.exc_info[1]
+            record.msg = "dropped an invalid message: %s: %s"
+            record.args = (type(exc).__name__, exc)
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 engine_aliases = {
     **kernel_aliases,
     "controller-file": "FarmEngineApp.controller_file",
@@ -160,6 +175,7 @@ class FarmEngineApp(IPKernelApp):
 
     def initialize(self, argv: Any = None) -> None:
         self._engine_defaults()
+        self.log.addFilter(_OneLineDrops())
         super().initialize(argv)
         if self.subapp is None and self.url:
             self._make_link()
@@ -267,9 +283,22 @@ class FarmEngineApp(IPKernelApp):
         finally:
             if self.link is not None:
                 self.link.stop(unregister=self._exit_code == 0)
+            self._join_control_thread()
         if self._exit_code:
             self.exit(self._exit_code)
         return None
+
+    def _join_control_thread(self) -> None:
+        """Let the control thread finish its message before the atexit handlers run.
+
+        A ``shutdown_request`` ends by flushing stdout through the iopub thread, and the
+        iopub thread's own atexit handler stops it: in that order the flush waits out its
+        10 s timeout.
+        """
+        control = self.control_thread
+        if control is not None and control.is_alive():
+            control.stop()
+            control.join(5.0)
 
     def _register(self) -> None:
         assert self.link is not None

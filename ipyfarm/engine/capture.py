@@ -83,6 +83,14 @@ class EngineSession(FarmSession):
         super().__init__(**kwargs)
         self.capture = OutputCapture()
 
+    def feed_identities(self, msg_list: list, copy: bool = True) -> tuple[list, list]:
+        """Like Session's, but a message without a delimiter becomes ``([], [])``, which
+        ``deserialize`` rejects: ipykernel calls this outside its error handling."""
+        try:
+            return super().feed_identities(msg_list, copy)
+        except ValueError:
+            return [], []
+
     def send(  # type: ignore[override]
         self,
         stream: Any,

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 from ipykernel.ipkernel import IPythonKernel
 from jupyter_client.session import utcnow
-from traitlets import default
+from traitlets import default, observe
 
 from ipyfarm.engine import ops
 from ipyfarm.engine.capture import Captured, EngineSession
@@ -76,6 +76,9 @@ class FarmKernel(IPythonKernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.aborted: dict[str, None] = {}  # insertion-ordered set, bounded
+        # set by abort_request([]): queued applies are aborted too, until ipykernel's
+        # "stop aborting" marker (queued behind them) clears _aborting
+        self._abort_applies = False
         self.properties: dict[str, Any] = {}
         ops._bind(self)
 
@@ -156,7 +159,9 @@ class FarmKernel(IPythonKernel):
         shell = self.shell
         f = None
         try:
-            f, args, kwargs = unpack_apply(parent["buffers"], shell.user_ns)
+            # zmq frames are writable: hand out read-only views (no copy), as documented
+            buffers = [memoryview(b).toreadonly() for b in parent["buffers"]]
+            f, args, kwargs = unpack_apply(buffers, shell.user_ns)
             result = f(*args, **kwargs)
             try:
                 buffers = dumps(result)
@@ -205,7 +210,7 @@ class FarmKernel(IPythonKernel):
             del self.aborted[msg_id]
             self._send_abort_reply(stream, msg, idents)
             return False
-        if msg["header"]["msg_type"] == "apply_request" and self._aborting:
+        if msg["header"]["msg_type"] == "apply_request" and self._abort_applies:
             self._send_abort_reply(stream, msg, idents)
             return False
         return True
@@ -218,6 +223,11 @@ class FarmKernel(IPythonKernel):
         self.session.send(
             stream, reply_type, content, msg, ident=idents, metadata=metadata
         )
+
+    @observe("_aborting")
+    def _aborting_changed(self, change: dict) -> None:
+        if not change["new"]:
+            self._abort_applies = False
 
     # ---- control ----------------------------------------------------------------------
 
@@ -237,6 +247,7 @@ class FarmKernel(IPythonKernel):
             return
         msg_ids = parent["content"]["msg_ids"]
         if not msg_ids:
+            self._abort_applies = True
             self._abort_queues()
         for msg_id in msg_ids:
             self.aborted[str(msg_id)] = None

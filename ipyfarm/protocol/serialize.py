@@ -145,14 +145,20 @@ def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
 
 
 def bind_interactive(f: Any, namespace: dict) -> Any:
-    """Functions defined interactively (module ``__main__``) see the engine's namespace.
+    """Functions defined interactively see the engine's namespace.
 
-    Globals they captured on the client that the engine lacks are added to it, as
-    if pushed. Functions from importable modules keep their module's globals.
+    "Interactively" means in ``__main__`` (a notebook, a script) or in a module
+    the engine has not imported (a test file, say): such a function arrives by
+    value, and its global names resolve in the engine's namespace. Globals it
+    captured on the client that the engine lacks are added to it, as if pushed.
+    Functions of modules the engine has imported keep their module's globals.
     """
+    import sys
     import types
 
-    if not isinstance(f, types.FunctionType) or f.__module__ != "__main__":
+    if not isinstance(f, types.FunctionType):
+        return f
+    if f.__module__ != "__main__" and f.__module__ in sys.modules:
         return f
     if f.__globals__ is namespace:
         return f

@@ -1,0 +1,168 @@
+"""The ``ipyfarm`` command: start | stop | list | demo | controller | engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from . import paths
+
+__all__ = ["main"]
+
+
+def _cmd_controller(args: argparse.Namespace) -> int:
+    from .controller.app import run_standalone
+
+    return run_standalone(n=args.n, profile=args.profile, ip=args.ip, log_level=args.log_level)
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    if not args.daemonize:
+        return _cmd_controller(args)
+    cmd = [sys.executable, "-m", "ipyfarm", "controller", "-n", str(args.n),
+           "--profile", args.profile, "--ip", args.ip, "--log-level", args.log_level]
+    log_file = paths.runtime_dir() / f"ipyfarm-{args.profile}.log"
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    file = paths.cluster_file(args.profile)
+    deadline = time.monotonic() + args.timeout
+    from .client.client import Client
+    from .error import IPyFarmError
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"ipyfarm: the controller exited at start (code {proc.returncode}); "
+                  f"see {log_file}", file=sys.stderr)
+            return 1
+        if file.exists() and paths.read_json(file).get("pid") == proc.pid:
+            break
+        time.sleep(0.05)
+    else:
+        print(f"ipyfarm: the controller did not start within {args.timeout} s; see {log_file}",
+              file=sys.stderr)
+        return 1
+    try:
+        with Client(url_file=file, timeout=args.timeout) as rc:
+            rc.wait_for_engines(args.n, timeout=max(1.0, deadline - time.monotonic()))
+            n = len(rc.ids)
+    except IPyFarmError as e:
+        print(f"ipyfarm: cluster started (pid {proc.pid}) but engines are not ready: {e}",
+              file=sys.stderr)
+        return 1
+    print(f"ipyfarm: cluster {args.profile!r} running: controller pid {proc.pid}, {n} engines. "
+          f"Connect with ipyfarm.Client(profile={args.profile!r}); stop with "
+          f"`ipyfarm stop --profile {args.profile}`.")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    file = paths.cluster_file(args.profile)
+    if not file.exists():
+        print(f"ipyfarm: no cluster of profile {args.profile!r} is running", file=sys.stderr)
+        return 1
+    info = paths.read_json(file)
+    pid = int(info.get("pid", -1))
+    if info.get("embedded"):
+        print(f"ipyfarm: the cluster {args.profile!r} is embedded in process {pid}; stop it "
+              "from there (cluster.stop_cluster_sync() or rc.shutdown(hub=True))",
+              file=sys.stderr)
+        return 1
+    if not paths.pid_alive(pid):
+        file.unlink(missing_ok=True)
+        print(f"ipyfarm: removed the stale file of cluster {args.profile!r} (pid {pid} is gone)")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while paths.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if paths.pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        print(f"ipyfarm: controller {pid} did not stop in {args.timeout} s; killed it")
+    else:
+        print(f"ipyfarm: stopped cluster {args.profile!r} (pid {pid})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    found = paths.find_cluster_files()
+    if not found:
+        print("no ipyfarm clusters running")
+        return 0
+    print(f"{'PROFILE':<16} {'PID':>7} {'ENGINES':>7}  KIND      STARTED")
+    for path, info in found:
+        engines: Any = "?"
+        if not info.get("embedded"):
+            try:
+                from .client.client import Client
+
+                with Client(url_file=path, timeout=2) as rc:
+                    engines = len(rc.ids)
+            except Exception:
+                engines = "?"
+        kind = "embedded" if info.get("embedded") else "process"
+        print(f"{info.get('profile', '?'):<16} {info.get('pid', '?'):>7} {engines:>7}  "
+              f"{kind:<9} {info.get('created', '')[:19]}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.n)
+
+
+def _cmd_engine(args: argparse.Namespace, rest: list[str]) -> int:
+    from .engine.__main__ import main as engine_main
+
+    return engine_main(rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ipyfarm", description="Interactive parallel computing "
+                                "for Jupyter: controllers and engines.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cluster_opts(sp: argparse.ArgumentParser, n_default: int) -> None:
+        sp.add_argument("-n", type=int, default=n_default, help="number of engines")
+        sp.add_argument("--profile", default="default", help="cluster name")
+        sp.add_argument("--ip", default="127.0.0.1", help="address to listen on")
+        sp.add_argument("--log-level", default="WARNING")
+        sp.add_argument("--timeout", type=float, default=60.0)
+
+    sp = sub.add_parser("start", help="start a controller and n engines")
+    cluster_opts(sp, os.cpu_count() or 1)
+    sp.add_argument("--daemonize", action="store_true", help="run in the background")
+    sp.set_defaults(func=_cmd_start)
+    sp = sub.add_parser("controller", help="run a standalone controller (foreground)")
+    cluster_opts(sp, 0)
+    sp.set_defaults(func=_cmd_controller)
+    sp = sub.add_parser("stop", help="stop a standalone cluster")
+    sp.add_argument("--profile", default="default")
+    sp.add_argument("--timeout", type=float, default=10.0)
+    sp.set_defaults(func=_cmd_stop)
+    sp = sub.add_parser("list", help="list running clusters")
+    sp.set_defaults(func=_cmd_list)
+    sp = sub.add_parser("demo", help="a short demonstration on an embedded cluster")
+    sp.add_argument("-n", type=int, default=min(4, os.cpu_count() or 1))
+    sp.set_defaults(func=_cmd_demo)
+    sub.add_parser("engine", help="run one engine (options: python -m ipyfarm.engine --help)",
+                   add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["engine"]:
+        return _cmd_engine(argparse.Namespace(), argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

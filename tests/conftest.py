@@ -1,0 +1,68 @@
+"""Shared fixtures: an isolated runtime dir, one cluster per module, no leftover processes."""
+
+import os
+import tempfile
+import time
+
+import psutil
+import pytest
+
+# every test session gets its own Jupyter runtime dir: no clash with a user's clusters
+_RUNTIME = tempfile.mkdtemp(prefix="ipyfarm-test-runtime-")
+os.environ["JUPYTER_RUNTIME_DIR"] = _RUNTIME
+
+
+def wait_until(predicate, timeout, interval=0.02):
+    """Poll ``predicate`` until true or ``timeout`` s pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def kill_pids(pids):
+    """SIGKILL the given processes we started, if they still live."""
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+
+
+def _children():
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-engine embedded cluster for the whole module, always stopped."""
+    import ipyfarm as ipp
+
+    before = _children()
+    c = ipp.Cluster(n=2, profile=f"test-{os.getpid()}")
+    rc = c.start_and_connect_sync()
+    pids = list(c.launcher.pids)
+    try:
+        yield c, rc
+    finally:
+        c.stop_cluster_sync()
+        left = wait_until(lambda: not (_children() - before), 10)
+        kill_pids(_children() - before)
+        assert left, f"processes left behind by the cluster: {_children() - before}"
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+@pytest.fixture
+def rc(cluster):
+    return cluster[1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    if left:
+        for p in left:
+            p.kill()
+        raise RuntimeError(f"tests left processes running: {[p.pid for p in left]}")

@@ -1,0 +1,313 @@
+"""Client, DirectView and AsyncResult against real engine processes (one cluster per module)."""
+
+import asyncio
+import os
+import signal
+import stat
+import time
+
+import numpy as np
+import pytest
+
+import ipyfarm as ipp
+from ipyfarm import error
+
+
+def test_the_issue_example_runs(rc):
+    dview = rc[:]
+    dview.block = True
+    dview.execute("import numpy as np")
+    dview["a"] = 5
+    dview.scatter("x", range(16))
+    assert dview.gather("x") == list(range(16))
+    assert dview["a"] == [5, 5]
+    assert rc[0].apply_sync(lambda: a) == 5  # noqa: F821  (the engine's a)
+    k = 3
+    assert rc[0].apply_sync(lambda y: y * k, 2) == 6  # closures work
+    ar = rc[1].apply_async(pow, 2, 10)
+    assert ar.get(timeout=5) == 1024
+    assert ar.metadata.engine_id == 1
+
+
+def test_targets_select_engines(rc):
+    assert rc.ids == [0, 1]
+    assert rc[0].apply_sync(lambda: 1) == 1
+    assert rc[[0, 1]].apply_sync(lambda: 1) == [1, 1]
+    assert rc[::2].targets == [0]
+    assert rc[-1].targets == 1
+    assert rc[:].targets == "all"
+    assert rc.direct_view().targets == "all"
+    with pytest.raises(IndexError, match="no engine 9"):
+        rc[9]
+
+
+def test_push_pull_get_update(rc):
+    v = rc[:]
+    v.push({"b": 1, "c": [1, 2]}, block=True)
+    assert v.pull("b", block=True) == [1, 1]
+    assert v.pull(["b", "c"], block=True) == [[1, [1, 2]], [1, [1, 2]]]
+    assert rc[0].get("c") == [1, 2]
+    v.update({"b": 2})
+    v.wait()
+    assert rc[1]["b"] == 2
+    with pytest.raises(error.RemoteError, match="nope"):
+        rc[0].pull("nope", block=True)
+
+
+def test_numpy_scatter_gather_and_readonly_receipt(rc):
+    v = rc[:]
+    arr = np.arange(10_000, dtype="float64")
+    v.scatter("arr", arr, block=True)
+    assert rc[0].apply_sync(lambda: arr.flags.writeable) is False  # noqa: F821
+    back = v.gather("arr", block=True)
+    assert isinstance(back, np.ndarray) and (back == arr).all()
+    one = rc[0].apply_sync(lambda x: x, arr)
+    assert not one.flags.writeable and (one == arr).all()
+
+
+def test_scatter_flatten(rc):
+    v = rc[:]
+    v.scatter("y", [10, 20], flatten=True, block=True)
+    assert v["y"] == [10, 20]
+    v.scatter("y", [10, 20], block=True)
+    assert v["y"] == [[10], [20]]
+
+
+def test_execute_collects_outputs(rc):
+    ar = rc[:].execute("print('hello'); import sys; print('err', file=sys.stderr); 6 * 7",
+                       silent=False)
+    ar.get(timeout=10)
+    assert ar.stdout == ["hello\n", "hello\n"]
+    assert ar.stderr == ["err\n", "err\n"]
+    results = ar.execute_result
+    assert results[0]["data"]["text/plain"] == "42"
+    assert {md["engine_id"] for md in ar.metadata} == {0, 1}
+
+
+def test_apply_collects_stdout_and_display(rc):
+    def show():
+        from IPython.display import HTML, display
+
+        print("out")
+        display(HTML("<b>x</b>"))
+        return 1
+
+    ar = rc[0].apply_async(show)
+    assert ar.get(timeout=10) == 1
+    assert ar.stdout == "out\n"
+    assert ar.outputs[0]["data"]["text/html"] == "<b>x</b>"
+
+
+def test_run_a_file(rc, tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("ran_from_file = 11\n")
+    rc[:].run(str(script), block=True)
+    assert rc[:]["ran_from_file"] == [11, 11]
+
+
+def test_map_remote_parallel(rc):
+    v = rc[:]
+    assert v.map_sync(lambda x: x * x, range(10)) == [x * x for x in range(10)]
+    assert v.map_sync(lambda x, y: x + y, [1, 2, 3], [10, 20, 30]) == [11, 22, 33]
+    amr = v.map_async(str, range(5))
+    assert list(amr) == ["0", "1", "2", "3", "4"]
+
+    @v.remote(block=True)
+    def getpid():
+        import os
+        return os.getpid()
+
+    assert len(set(getpid())) == 2
+
+    @v.parallel(block=True)
+    def square(x):
+        return x * x
+
+    assert square.map(range(6)) == [0, 1, 4, 9, 16, 25]
+    assert square(range(3)) == [0, 1, 4]
+    f = ipp.remote(rc[0], block=True)(lambda: 7)
+    assert f() == 7
+
+
+def test_sync_imports(rc):
+    v = rc[:]
+    with v.sync_imports(quiet=True):
+        import json  # noqa: F401
+    assert v.apply_sync(lambda: json.dumps(1)) == ["1", "1"]  # noqa: F821
+
+
+def test_flags(rc):
+    v = rc[:]
+    with v.temp_flags(block=True):
+        assert v.apply(lambda: 2) == [2, 2]
+    assert isinstance(v.apply(lambda: 2), ipp.AsyncResult)
+    v.set_flags(block=True)
+    assert v.block
+    with pytest.raises(KeyError, match="invalid flag 'bogus'"):
+        v.set_flags(bogus=1)
+
+
+def test_asyncresult_api(rc):
+    ar = rc[:].apply_async(time.sleep, 0.3)
+    assert not ar.ready() and len(ar.msg_ids) == 2
+    with pytest.raises(error.TimeoutError):
+        ar.get(timeout=0.01)
+    assert ar.wait(5) and ar.ready() and ar.successful()
+    assert ar.get() == [None, None] and ar.r == [None, None] and ar.result() == [None, None]
+    assert ar.progress == 2 and ar.elapsed >= 0.25
+    assert ar.get_dict() == {0: None, 1: None}
+    assert list(ar) == [None, None]
+    md = ar.metadata[0]
+    for key in ("msg_id", "submitted", "started", "completed", "received", "engine_id",
+                "engine_uuid", "status", "stdout", "stderr", "outputs", "execute_result",
+                "error", "after", "follow"):
+        assert key in md, key
+    assert md.completed >= md.started
+    assert isinstance(ar, __import__("concurrent.futures").futures.Future)
+
+    async def awaiting():
+        return await rc[0].apply_async(lambda: 9)
+
+    assert asyncio.run(awaiting()) == 9
+
+
+def test_track_and_sent(rc):
+    arr = np.ones(1_000_000)
+    ar = rc[0].apply_async(lambda x: x.sum(), arr)
+    ar.wait_on_send(5)
+    assert ar.sent
+    with rc[0].temp_flags(track=True):
+        ar2 = rc[0].apply_async(lambda x: x.sum(), arr)
+    ar2.wait_on_send(5)
+    assert ar2.sent and ar2.get(5) == 1e6
+
+
+def test_remote_errors(rc):
+    def boom():
+        raise ValueError("bad value")
+
+    with pytest.raises(error.RemoteError) as info:
+        rc[0].apply_sync(boom)
+    e = info.value
+    assert e.ename == "ValueError" and e.evalue == "bad value"
+    assert "boom" in e.traceback and e.engine_info["engine_id"] == 0
+    assert "ValueError" in "\n".join(e._render_traceback_())
+    with pytest.raises(error.CompositeError) as info:
+        rc[:].apply_sync(boom)
+    ce = info.value
+    assert len(ce.elist) == 2
+    assert "[engines [0, 1]] ValueError: bad value" in str(ce)  # identical errors collapse
+    assert "[engines [0, 1]]" in "\n".join(ce.render_traceback())
+
+
+def test_unpicklable_argument_fails_at_submit_and_sends_nothing(rc):
+    n = len(rc.history)
+    with pytest.raises(error.SerializationError, match=r"argument 0 \(type generator\)"):
+        rc[0].apply_async(len, (i for i in range(3)))
+    assert len(rc.history) == n
+
+
+def test_unpicklable_result_is_a_remote_error_and_engine_lives(rc):
+    with pytest.raises(error.RemoteError, match="lock"):
+        rc[0].apply_sync(lambda: __import__("threading").Lock())
+    assert rc[0].apply_sync(lambda: "alive") == "alive"
+
+
+def test_client_records(rc):
+    ar = rc[0].apply_async(lambda: 5)
+    ar.get(5)
+    msg_id = ar.msg_ids[0]
+    assert msg_id in rc.history and rc.results[msg_id] == 5
+    assert rc.metadata[msg_id]["engine_id"] == 0
+    assert msg_id not in rc.outstanding
+    assert rc.wait([ar], timeout=1)
+    assert msg_id in rc.hub_history()
+    assert rc.result_status([msg_id])["completed"] == [msg_id]
+    qs = rc.queue_status()
+    assert qs[0]["queue"] == 0 and qs[0]["completed"] >= 1 and "unassigned" in qs
+    assert msg_id in rc.queue_status(verbose=True)[0]["completed"]
+
+
+def test_get_result_from_another_client(cluster, rc):
+    ar = rc[1].apply_async(lambda: "shared")
+    ar.get(5)
+    other = cluster[0].connect_client_sync()
+    hub_ar = other.get_result(ar.msg_ids[0])
+    assert isinstance(hub_ar, ipp.AsyncHubResult)
+    assert hub_ar.get(timeout=5) == "shared"
+    # a task still running elsewhere is polled until done
+    slow = rc[1].apply_async(time.sleep, 0.3)
+    assert other.get_result(slow.msg_ids[0]).get(timeout=5) is None
+    other.close()
+
+
+def test_purge_results(rc):
+    ar = rc[0].apply_async(lambda: 1)
+    ar.get(5)
+    rc.purge_results(ar)
+    assert ar.msg_ids[0] not in rc.hub_history() and ar.msg_ids[0] not in rc.results
+    rc.purge_results("all")
+    assert rc.hub_history() == []
+
+
+def test_abort_queued_task(rc):
+    busy = rc[0].apply_async(time.sleep, 0.5)
+    queued = rc[0].apply_async(lambda: "ran")
+    queued.abort()
+    with pytest.raises(error.TaskAborted):
+        queued.get(timeout=5)
+    busy.get(timeout=5)
+    assert rc[0].apply_sync(lambda: "after") == "after"
+
+
+def test_clear_namespace(rc):
+    rc[:]["to_clear"] = 1
+    rc.clear(block=True)
+    assert rc[0].apply_sync(lambda: "to_clear" in globals()) is False
+    assert rc[0].apply_sync(lambda: 3) == 3
+
+
+def test_signal_interrupts_running_code(rc):
+    ar = rc[1].apply_async(time.sleep, 30)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    rc.send_signal(signal.SIGINT, targets=[1])
+    with pytest.raises(error.RemoteError) as info:
+        ar.get(timeout=5)
+    assert info.value.ename == "KeyboardInterrupt"
+    assert time.monotonic() - t0 < 3
+    assert rc[1].apply_sync(lambda: "still here") == "still here"
+
+
+def test_connection_file_is_private(cluster):
+    path = cluster[0].controller.file
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    info = __import__("json").load(open(path))
+    assert info["client"].startswith("tcp://127.0.0.1:")
+
+
+def test_engine_connection_file_attaches_a_stock_jupyter_client(rc):
+    from jupyter_client import BlockingKernelClient
+
+    rc[0]["shared_name"] = 1234
+    cf = rc.engines[0]["connection_file"]
+    assert stat.S_IMODE(os.stat(cf).st_mode) == 0o600
+    kc = BlockingKernelClient(connection_file=cf)
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        reply = kc.execute_interactive("shared_name + 1; print(shared_name + 1)", timeout=10)
+        assert reply["content"]["status"] == "ok"
+        kc.execute_interactive("from_console = 1", timeout=10)
+    finally:
+        kc.stop_channels()
+    assert rc[0]["from_console"] == 1
+    assert rc[0].apply_sync(lambda: __import__("ipykernel").get_connection_file()) == cf
+
+
+def test_client_without_cluster_says_how_to_start_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    with pytest.raises(error.NoClusterError, match="ipyfarm start -n 4"):
+        ipp.Client(profile="nothing-here")
+    with pytest.raises(error.NoClusterError, match="no file"):
+        ipp.Client(url_file=tmp_path / "missing.json")

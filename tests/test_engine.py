@@ -1,0 +1,502 @@
+"""A real engine process against a tiny fake controller, over real zmq sockets.
+
+The fake controller is a ROUTER on 127.0.0.1 that answers ``registration_request`` and
+heartbeats with :class:`FarmSession`; the tests talk to the engine's shell, control and
+iopub ports directly, as the controller would. Every wait is bounded; every engine started
+here is killed by PID in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import zmq
+from jupyter_client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+
+from ipyfarm.engine import ops
+from ipyfarm.protocol.serialize import interactive, loads, pack_apply
+from ipyfarm.protocol.session import DELIM, FarmSession, split_identities
+
+# the engine cannot import this test module: send its functions by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+KEY = uuid.uuid4().hex
+HEARTBEAT = 0.2
+WAIT = 10.0  # seconds: the bound on any single expected reply
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _session() -> FarmSession:
+    return FarmSession(key=KEY.encode(), signature_scheme="hmac-sha256", username="test")
+
+
+def _recv(sock: zmq.Socket, session: FarmSession, timeout: float = WAIT) -> dict:
+    if not sock.poll(timeout * 1000):
+        raise TimeoutError(f"no message within {timeout} s")
+    idents, rest = split_identities(sock.recv_multipart())
+    msg = session.deserialize(rest)
+    msg["idents"] = idents
+    return msg
+
+
+class FakeController:
+    """Answers registration and heartbeats; can go silent or forget engines."""
+
+    def __init__(self, tmp: Path, name: str = "fake"):
+        self.session = _session()
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.url = f"tcp://127.0.0.1:{port}"
+        self.file = tmp / f"ipyfarm-{name}.json"
+        self.file.write_text(json.dumps({
+            "key": KEY, "signature_scheme": "hmac-sha256", "location": "127.0.0.1",
+            "registration": self.url, "client": "tcp://127.0.0.1:1", "pid": os.getpid(),
+            "profile": name, "embedded": False, "created": "now",
+        }))
+        self.answer = True  # answer heartbeats at all
+        self.heartbeat_status = "ok"
+        self.registrations: list[dict] = []
+        self.received: list[str] = []
+        self.registered = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            frames = self.sock.recv_multipart()
+            idents, rest = split_identities(frames)
+            msg = self.session.deserialize(rest)
+            self.received.append(msg["msg_type"])
+            if msg["msg_type"] == "registration_request":
+                self.registrations.append(msg["content"])
+                reply = {"status": "ok", "engine_id": len(self.registrations) - 1,
+                         "heartbeat_period": HEARTBEAT}
+                self.session.send(self.sock, "registration_reply", reply, msg, ident=idents)
+                self.registered.set()
+            elif msg["msg_type"] == "heartbeat_request" and self.answer:
+                self.session.send(self.sock, "heartbeat_reply",
+                                  {"status": self.heartbeat_status}, msg, ident=idents)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        self.context.term()
+
+
+class Engine:
+    """One engine process and sockets to its shell, control and iopub."""
+
+    def __init__(self, controller: FakeController, tmp: Path, *extra: str):
+        self.controller = controller
+        self.tmp = tmp
+        env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+        env["JUPYTER_RUNTIME_DIR"] = str(tmp / "runtime")
+        env["IPYTHONDIR"] = str(tmp / "ipython")
+        self.stderr_path = tmp / f"engine-{uuid.uuid4().hex[:6]}.err"
+        cmd = [sys.executable, "-m", "ipyfarm.engine", "--controller-file",
+               str(controller.file), *extra]
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=err, stderr=err)
+        self.session = _session()
+        self.context = zmq.Context()
+        self.info: dict = {}
+
+    def wait_registered(self, timeout: float = 30) -> dict:
+        if not self.controller.registered.wait(timeout):
+            raise TimeoutError(f"engine did not register:\n{self.stderr()}")
+        self.info = self.controller.registrations[-1]
+        ci = self.info["connection_info"]
+        addr = f"tcp://{ci['ip']}:"
+        self.shell = self._socket(zmq.DEALER, addr + str(ci["shell_port"]))
+        self.control = self._socket(zmq.DEALER, addr + str(ci["control_port"]))
+        self.iopub = self._socket(zmq.SUB, addr + str(ci["iopub_port"]))
+        self.iopub.subscribe(b"")
+        # the XPUB greets each subscription: from then on nothing published is missed
+        self.iopub_until(lambda m: m["msg_type"] == "iopub_welcome")
+        return self.info
+
+    def _socket(self, kind: int, url: str) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.linger = 0
+        sock.connect(url)
+        return sock
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def send(self, sock, msg_type, content=None, buffers=None, msg_id=None, ident=None):
+        msg = self.session.msg(msg_type, content or {})
+        if msg_id:
+            msg["header"]["msg_id"] = msg_id
+            msg["msg_id"] = msg_id
+        self.session.send(sock, msg, buffers=buffers, ident=ident)
+        return msg["header"]["msg_id"]
+
+    def reply(self, sock, msg_id, timeout=WAIT) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = _recv(sock, self.session, max(0.01, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+
+    def apply(self, f, *args, **kwargs) -> dict:
+        msg_id = self.send(self.shell, "apply_request", {}, pack_apply(f, args, kwargs))
+        return self.reply(self.shell, msg_id)
+
+    def apply_value(self, f, *args, **kwargs):
+        reply = self.apply(f, *args, **kwargs)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return loads(reply["buffers"])
+
+    def execute(self, code: str) -> dict:
+        msg_id = self.send(self.shell, "execute_request", {"code": code, "silent": False,
+                                                          "stop_on_error": False})
+        return self.reply(self.shell, msg_id)
+
+    def iopub_until(self, pred, timeout=WAIT) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = _recv(self.iopub, self.session, max(0.01, deadline - time.monotonic()))
+            if pred(msg):
+                return msg
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.context.destroy(linger=0)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine")
+
+
+@pytest.fixture(scope="module")
+def controller(tmp):
+    c = FakeController(tmp)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def engine(controller, tmp):
+    e = Engine(controller, tmp)
+    try:
+        e.wait_registered()
+        yield e
+    finally:
+        e.kill()
+
+
+def test_registration(engine):
+    info = engine.info
+    assert info["pid"] == engine.proc.pid
+    assert set(info["connection_info"]) >= {
+        "transport", "ip", "shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"
+    }
+    assert info["connection_info"]["ip"] == "127.0.0.1"
+    assert set(info["properties"]) >= {"hostname", "pid", "cpu_count", "memory_total",
+                                       "gpu_count"}
+    path = Path(info["connection_file"])
+    assert path.name == f"ipyfarm-engine-{info['uuid']}.json"
+    assert path.parent == engine.tmp / "runtime"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["shell_port"] == info["connection_info"]["shell_port"]
+    # inside the engine, ipykernel finds the same file
+    assert engine.apply_value(_connection_file) == str(path)
+    assert engine.apply_value(ops.get_properties)["pid"] == engine.proc.pid
+    assert "without encryption" not in engine.stderr()
+
+
+def _connection_file():
+    import ipykernel
+
+    return ipykernel.get_connection_file()
+
+
+def test_apply_reads_pushed_global_and_captures_stdout(engine):
+    assert engine.apply_value(ops.push, {"a": 21}) is None
+
+    @interactive
+    def f(x):
+        print("hello from", x)
+        return a * x  # noqa: F821 - a global on the engine
+
+    msg_id = engine.send(engine.shell, "apply_request", {}, pack_apply(f, (2,), {}),
+                         ident=b"client-7")
+    reply = engine.reply(engine.shell, msg_id)
+    assert reply["idents"] == [b"client-7"]  # the controller's extra routing frame returns
+    assert reply["msg_type"] == "apply_reply"
+    assert reply["content"]["status"] == "ok"
+    assert loads(reply["buffers"]) == 42
+    md = reply["metadata"]
+    assert md["stdout"] == "hello from 2\n"
+    assert md["stderr"] == "" and md["outputs"] == [] and md["error"] is None
+    assert md["execute_result"] is None
+    assert md["status"] == "ok" and md["engine_id"] == 0
+    assert md["engine_uuid"] == engine.info["uuid"]
+    assert md["msg_type"] == "apply_request"
+    assert md["started"] <= md["completed"]
+    assert engine.apply_value(ops.pull, "a") == 21
+    assert engine.apply_value(ops.pull, ["a", "a"]) == [21, 21]
+
+
+def test_numpy_argument_is_a_read_only_view(engine):
+    arr = np.arange(100_000, dtype=np.float64)
+
+    def inspect(x):
+        return x.flags.writeable, x.flags.owndata, float(x.sum())
+
+    writeable, owndata, total = engine.apply_value(inspect, arr)
+    assert not writeable and not owndata  # a view on the message buffer, not a copy
+    assert total == float(arr.sum())
+    back = engine.apply_value(lambda x: x, arr)
+    assert np.array_equal(back, arr)
+
+
+def test_execute_captures_print_display_and_result(engine):
+    code = (
+        "import sys\nfrom IPython.display import display\n"
+        "print('out')\nprint('err', file=sys.stderr)\n"
+        "display({'text/plain': 'shown'}, raw=True)\n6 * 7"
+    )
+    reply = engine.execute(code)
+    assert reply["content"]["status"] == "ok"
+    md = reply["metadata"]
+    assert md["stdout"] == "out\n" and md["stderr"] == "err\n"
+    assert [o["data"] for o in md["outputs"]] == [{"text/plain": "shown"}]
+    assert md["execute_result"]["data"] == {"text/plain": "42"}
+    assert md["execute_result"]["execution_count"] == reply["content"]["execution_count"]
+    assert md["msg_type"] == "execute_request" and md["error"] is None
+    # outputs still go out on iopub, with the request as parent
+    msg_id = reply["parent_header"]["msg_id"]
+    stream = engine.iopub_until(
+        lambda m: m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id
+    )
+    assert stream["content"]["text"] in ("out\n", "err\n")
+
+
+def test_execute_error_fills_metadata(engine):
+    reply = engine.execute("1/0")
+    content = reply["content"]
+    assert content["status"] == "error" and content["ename"] == "ZeroDivisionError"
+    assert content["engine_info"]["method"] == "execute"
+    assert reply["metadata"]["error"]["ename"] == "ZeroDivisionError"
+
+
+def test_apply_error_reply(engine):
+    def boom(x):
+        raise ValueError(f"bad value {x}")
+
+    reply = engine.apply(boom, 3)
+    content = reply["content"]
+    assert content["status"] == "error"
+    assert content["ename"] == "ValueError" and content["evalue"] == "bad value 3"
+    assert content["traceback"] and all(isinstance(line, str) for line in content["traceback"])
+    assert "bad value 3" in "".join(content["traceback"])
+    assert content["engine_info"] == {"engine_id": 0, "engine_uuid": engine.info["uuid"],
+                                      "method": "apply"}
+    assert reply["metadata"]["error"] == content and reply["metadata"]["status"] == "error"
+    assert reply["buffers"] == []
+
+
+def test_unpicklable_result_is_an_error_and_engine_lives(engine):
+    reply = engine.apply(lambda: threading.Lock())
+    content = reply["content"]
+    assert content["status"] == "error"
+    assert "lock" in content["evalue"]  # names the result's type
+    assert engine.apply_value(lambda: 5) == 5
+
+
+def test_argument_that_fails_to_unpickle_is_an_error(engine):
+    frames = pack_apply(len, ([1, 2],), {})
+    frames[0] = frames[0].replace(b"builtins", b"nosuchmd")  # a module the engine lacks
+    msg_id = engine.send(engine.shell, "apply_request", {}, frames)
+    content = engine.reply(engine.shell, msg_id)["content"]
+    assert content["status"] == "error" and "nosuchmd" in content["evalue"]
+    assert engine.apply_value(lambda: 6) == 6
+
+
+def test_abort_request(engine):
+    doomed = str(uuid.uuid4())
+    ctl = engine.send(engine.control, "abort_request", {"msg_ids": [doomed]})
+    assert engine.reply(engine.control, ctl)["content"] == {"status": "ok"}
+    engine.send(engine.shell, "apply_request", {}, pack_apply(lambda: 1, (), {}),
+                msg_id=doomed)
+    reply = engine.reply(engine.shell, doomed)
+    assert reply["msg_type"] == "apply_reply"
+    assert reply["content"] == {"status": "aborted"}
+    assert reply["metadata"]["status"] == "aborted"
+    engine.send(engine.shell, "execute_request", {"code": "1"}, msg_id=doomed + "x")
+    ctl = engine.send(engine.control, "abort_request", {"msg_ids": []})
+    engine.reply(engine.control, ctl)
+    assert engine.apply_value(lambda: 7) == 7  # later tasks run
+
+
+def test_clear_request(engine):
+    engine.apply_value(ops.push, {"zz": 1})
+    ctl = engine.send(engine.control, "clear_request", {})
+    assert engine.reply(engine.control, ctl)["content"]["status"] == "ok"
+    reply = engine.apply(ops.pull, "zz")
+    assert reply["content"]["ename"] == "NameError" and "'zz'" in reply["content"]["evalue"]
+    assert engine.execute("ip = get_ipython(); ip.user_ns['ip'] is ip")["content"][
+        "status"] == "ok"
+
+
+def _sleeper():
+    import time
+
+    print("started", flush=True)
+    time.sleep(30)
+
+
+@pytest.mark.parametrize("kind", ["apply", "execute"])
+def test_sigint_interrupts_running_code(engine, kind):
+    if kind == "apply":
+        msg_id = engine.send(engine.shell, "apply_request", {}, pack_apply(_sleeper, (), {}))
+    else:
+        code = "import time\nprint('started', flush=True)\ntime.sleep(30)"
+        msg_id = engine.send(engine.shell, "execute_request", {"code": code})
+    engine.iopub_until(
+        lambda m: m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id
+    )
+    t0 = time.monotonic()
+    ctl = engine.send(engine.control, "signal_request", {"signum": int(signal.SIGINT)})
+    assert engine.reply(engine.control, ctl)["content"]["status"] == "ok"
+    reply = engine.reply(engine.shell, msg_id, timeout=2.0)
+    assert time.monotonic() - t0 < 2.0
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert engine.apply_value(lambda: 8) == 8
+
+
+def test_stock_jupyter_client_shares_the_namespace(engine):
+    engine.apply_value(ops.push, {"shared": 123})
+    kc = BlockingKernelClient(connection_file=engine.info["connection_file"])
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=WAIT)
+        reply = kc.execute_interactive("seen = shared + 1", timeout=WAIT,
+                                       user_expressions={"v": "shared"})
+        assert reply["content"]["status"] == "ok"
+        assert reply["content"]["user_expressions"]["v"]["data"]["text/plain"] == "123"
+    finally:
+        kc.stop_channels()
+    assert engine.apply_value(ops.pull, "seen") == 124
+
+
+def test_forged_and_garbage_messages_are_dropped(engine):
+    forged = engine.session.msg("apply_request", {})
+    frames = engine.session.serialize(forged)
+    frames[1] = b"0" * len(frames[1])  # wrong signature
+    engine.shell.send_multipart(frames)
+    other = FarmSession(key=b"not-the-key", signature_scheme="hmac-sha256")
+    other.send(engine.shell, "execute_request", {"code": "forged = 1"})
+    for garbage in ([b"garbage"], [DELIM], [DELIM, b"sig", b"{", b"}", b"x", b"y"],
+                    [b"\xff" * 10] * 40):
+        engine.shell.send_multipart(garbage)
+    assert not engine.shell.poll(300)  # nothing answered
+    assert engine.apply_value(lambda: 9) == 9  # still serving
+    assert engine.apply(ops.pull, "forged")["content"]["ename"] == "NameError"
+
+
+def test_kernelspec_standalone_kernel(tmp):
+    spec = json.loads((REPO / "jupyter-config/kernels/ipyfarm-engine/kernel.json").read_text())
+    assert spec["display_name"] == "ipyfarm engine"
+    cf = str(tmp / "standalone.json")
+    write_connection_file(cf, ip="127.0.0.1", key=KEY.encode())
+    argv = [sys.executable if a == "python" else a for a in spec["argv"]]
+    argv = [cf if a == "{connection_file}" else a for a in argv]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=open(str(tmp / "sa.out"), "wb"),
+                            stderr=subprocess.STDOUT)
+    try:
+        kc = BlockingKernelClient(connection_file=cf)
+        kc.load_connection_file()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=20)
+            reply = kc.execute_interactive("x = 2 ** 10", timeout=WAIT,
+                                           user_expressions={"x": "x"})
+            assert reply["content"]["user_expressions"]["x"]["data"]["text/plain"] == "1024"
+            kc.shutdown()
+            proc.wait(10)
+        finally:
+            kc.stop_channels()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _extra_engine(tmp, name, *extra):
+    controller = FakeController(tmp, name)
+    return controller, Engine(controller, tmp, *extra)
+
+
+def test_sigterm_unregisters_and_removes_connection_file(tmp):
+    controller, engine = _extra_engine(tmp, "term")
+    try:
+        path = Path(engine.wait_registered()["connection_file"])
+        engine.proc.send_signal(signal.SIGTERM)
+        assert engine.proc.wait(10) == 0, engine.stderr()
+        assert not path.exists()
+        deadline = time.monotonic() + 2
+        while "unregistration_request" not in controller.received:
+            assert time.monotonic() < deadline, controller.received
+            time.sleep(0.02)
+    finally:
+        engine.kill()
+        controller.close()
+
+
+def test_exits_when_controller_forgets_it_or_parent_dies(tmp):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    c1, forgotten = _extra_engine(tmp, "unknown")
+    c2, orphan = _extra_engine(tmp, "parent", "--parent-pid", str(sleeper.pid))
+    try:
+        c1.heartbeat_status = "unknown"
+        forgotten.wait_registered()
+        orphan.wait_registered()
+        assert forgotten.proc.wait(10) == 1
+        assert "no longer knows" in forgotten.stderr()
+        sleeper.kill()
+        sleeper.wait(5)
+        assert orphan.proc.wait(10) == 1
+        assert "parent process" in orphan.stderr()
+    finally:
+        sleeper.kill()
+        for e, c in ((forgotten, c1), (orphan, c2)):
+            e.kill()
+            c.close()
+
+
+def test_exits_when_controller_stops_answering(engine, controller):
+    # runs last: it ends the module's engine
+    path = Path(engine.info["connection_file"])
+    controller.answer = False
+    t0 = time.monotonic()
+    assert engine.proc.wait(15) == 1
+    assert time.monotonic() - t0 < 15
+    assert "has not answered heartbeats" in engine.stderr()
+    assert not path.exists()
