@@ -247,7 +247,7 @@ def test_apply_reads_pushed_global_and_captures_stdout(engine):
     reply = engine.reply(engine.shell, msg_id)
     assert reply["idents"] == [b"client-7"]  # the controller's extra routing frame returns
     assert reply["msg_type"] == "apply_reply"
-    assert reply["content"]["status"] == "ok"
+    assert reply["content"]["status"] == "ok", reply["content"]
     assert loads(reply["buffers"]) == 42
     md = reply["metadata"]
     assert md["stdout"] == "hello from 2\n"

@@ -25,8 +25,22 @@ def test_signature_covers_buffers(session):
     assert bytes(back["buffers"][0]) == b"payload" * 300
     tampered = list(rest)
     tampered[-1] = b"Payload" * 300
-    with pytest.raises(SignatureError, match="invalid signature"):
+    with pytest.raises(SignatureError, match="buffer 0 does not match its signed digest"):
         FarmSession(key=b"secret").deserialize(tampered)
+    # the controller's check (header parts only) passes it on; the receiver rejects it
+    FarmSession(key=b"secret").verify(tampered, check_buffers=False)
+    dropped = list(rest[:-1])
+    with pytest.raises(SignatureError, match="0 buffers but 1|1 buffers but 0|digests"):
+        FarmSession(key=b"secret").deserialize(dropped + [b"extra", b"extra2"])
+
+
+def test_large_buffers_use_a_parallel_tree_hash():
+    from ipyfarm.protocol.session import buffer_digest
+
+    big = bytes(range(256)) * (40 * 4096)  # 40 MiB
+    d = buffer_digest(big)
+    assert d.startswith("sha256t4m:") and d == buffer_digest(memoryview(big))
+    assert buffer_digest(b"x").startswith("sha256:")
 
 
 def test_without_buffers_the_signature_is_standard_jupyter(session):
@@ -36,6 +50,10 @@ def test_without_buffers_the_signature_is_standard_jupyter(session):
     frames = session.serialize_with_buffers(msg, None, [])
     _, rest = split_identities(frames)
     assert Session(key=b"secret").deserialize(rest)["content"] == {"code": "1"}
+    # with buffers too: stock Jupyter verifies the signature and ignores the digests
+    msg = session.msg("comm_msg", {"data": {}})
+    _, rest = split_identities(session.serialize_with_buffers(msg, None, [b"raw"]))
+    assert bytes(Session(key=b"secret").deserialize(rest)["buffers"][0]) == b"raw"
 
 
 def test_wrong_key_and_replay_are_rejected(session):

@@ -292,14 +292,23 @@ class AsyncMapResult(AsyncResult):
 class AsyncHubResult(AsyncResult):
     """Results of tasks another client submitted, fetched from the controller."""
 
-    def _watch_remote(self, poll: float = 0.05) -> None:
+    def _watch_remote(self, poll: float = 0.05, grace: float = 2.0) -> None:
+        """Poll the controller until every result is in.
+
+        An id the controller does not know yet is retried for ``grace`` seconds (its
+        submission may still be on its way from another client), then fails.
+        """
         def poller() -> None:
+            start = time.monotonic()
             while not self.done() and not self._client._closed:
                 missing = [m for m in self.msg_ids if m in self._remaining]
                 if not missing:
                     return
                 try:
-                    self._client._fetch_results(missing)
+                    unknown = self._client._fetch_results(missing)
+                    if unknown and time.monotonic() - start > grace:
+                        raise KeyError(f"the controller has no record of {unknown}: unknown "
+                                       "ids, or purged")
                 except Exception as e:
                     if not self.done():
                         self.set_exception(e)

@@ -417,13 +417,15 @@ class Client:
         return {"pending": reply["pending"], "completed": reply["completed"],
                 "missing": reply["missing"]}
 
-    def _fetch_results(self, msg_ids: list[str]) -> None:
+    def _fetch_results(self, msg_ids: list[str]) -> list[str]:
+        """Ask the controller to resend stored results; returns ids it does not know."""
         reply = self._hub_request("result_request", {"msg_ids": msg_ids})
-        lost = reply["missing"] + reply["released"]
-        if lost:
+        if reply["released"]:
             raise KeyError(
-                f"the controller has no result for {lost}: unknown ids, purged, or too large "
-                "to keep (the controller stores results up to a size limit)")
+                f"the controller no longer holds the results of {reply['released']}: they "
+                "were too large to keep or pushed out by newer results (it stores results "
+                "up to a size limit); rerun the tasks")
+        return reply["missing"]
 
     def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None,
                    owner: bool = False) -> AsyncResult:

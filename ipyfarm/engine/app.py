@@ -26,7 +26,7 @@ import uuid
 from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
-from traitlets import Dict, Float, Integer, Type, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, Type, Unicode, default
 
 from ipyfarm.engine.capture import EngineSession
 from ipyfarm.engine.kernel import EngineExit, FarmKernel
@@ -143,7 +143,12 @@ class FarmEngineApp(IPKernelApp):
     name = "ipyfarm-engine"
     description = "Start an ipyfarm engine (an IPython kernel that runs ipyfarm tasks)."
     aliases = Dict(engine_aliases)
-    flags = Dict(kernel_flags)
+    flags = Dict(
+        {
+            **kernel_flags,
+            "debugger": ({"FarmEngineApp": {"debugger": True}}, "enable Jupyter's debugger"),
+        }
+    )
     kernel_class = Type(FarmKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
 
     controller_file = Unicode("", help="the controller's JSON file (key, registration)").tag(
@@ -158,6 +163,10 @@ class FarmEngineApp(IPKernelApp):
     registration_timeout = Float(30.0, help="seconds to wait for the controller").tag(
         config=True
     )
+    debugger = Bool(
+        False, help="load debugpy so Jupyter's visual debugger works (costs ~0.1 s and "
+        "~10 MB per engine)"
+    ).tag(config=True)
     engine_uuid = Unicode(help="this engine's uuid (names its connection file)")
 
     @default("engine_uuid")
@@ -241,6 +250,21 @@ class FarmEngineApp(IPKernelApp):
             raise EngineExit(0)
 
         signal.signal(signal.SIGTERM, terminate)
+
+    def init_kernel(self) -> None:
+        if self.debugger or "ipykernel.debugger" in sys.modules:
+            return super().init_kernel()
+        # ipykernel imports debugpy (0.1 s) while building the kernel; hide it so that
+        # ipykernel.debugger records "unavailable", then let user code import it freely
+        hidden = "debugpy" not in sys.modules
+        if hidden:
+            sys.modules["debugpy"] = None  # type: ignore[assignment]
+        try:
+            import ipykernel.debugger  # noqa: F401
+        finally:
+            if hidden:
+                del sys.modules["debugpy"]
+        return super().init_kernel()
 
     def _make_link(self) -> None:
         properties = engine_properties()

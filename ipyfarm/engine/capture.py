@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipyfarm.protocol.session import FarmSession
+from jupyter_client.session import extract_dates
+
+from ipyfarm.protocol.session import FarmSession, frames_bytes
 
 __all__ = ["CAPTURED_TYPES", "Captured", "EngineSession", "OutputCapture"]
 
@@ -82,6 +84,36 @@ class EngineSession(FarmSession):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.capture = OutputCapture()
+
+    def deserialize(  # type: ignore[override]
+        self, msg_list: list, content: bool = True, copy: bool = True
+    ) -> dict[str, Any]:
+        """FarmSession's, with two engine-specific changes.
+
+        - ``content=False`` is ipykernel's routing peek (the shell channel thread reads the
+          header to pick a subshell): the signed header parts are verified, but buffers
+          are hashed only once, by the full ``deserialize`` in the handling thread,
+          before anything is unpickled.
+        - ``buffer_digests`` leaves the header once checked: ipykernel keys output
+          buffers by ``frozenset(parent_header.items())``, which a list breaks.
+        """
+        if content:
+            msg = super().deserialize(msg_list, content=True, copy=copy)
+        else:
+            header = extract_dates(self.verify(msg_list, record=False, check_buffers=False))
+            head = [frames_bytes(m) for m in msg_list[2:5]]
+            msg = {
+                "header": header,
+                "msg_id": header["msg_id"],
+                "msg_type": header["msg_type"],
+                "parent_header": extract_dates(self.unpack(head[0])),
+                "metadata": self.unpack(head[1]),
+                "content": head[2],
+                "buffers": [m if isinstance(m, bytes | memoryview) else m.buffer
+                            for m in msg_list[5:]],
+            }
+        msg["header"].pop("buffer_digests", None)
+        return msg
 
     def feed_identities(self, msg_list: list, copy: bool = True) -> tuple[list, list]:
         """Like Session's, but a message without a delimiter becomes ``([], [])``, which

@@ -82,6 +82,11 @@ class FarmKernel(IPythonKernel):
         self.properties: dict[str, Any] = {}
         ops._bind(self)
 
+    async def poll_stopped_queue(self) -> None:
+        # ipykernel starts this whenever a debugpy stream exists, debugger or not
+        if getattr(self, "debugger", None) is not None:
+            await super().poll_stopped_queue()
+
     # ---- identity ---------------------------------------------------------------------
 
     @property

@@ -1,30 +1,42 @@
-"""Jupyter message codec whose HMAC also covers the raw buffers.
+"""Jupyter message codec whose signature also covers the raw buffers.
 
 Wire layout (Jupyter's, unchanged)::
 
     [ident, ..., b"<IDS|MSG>", signature, header, parent, metadata, content, buf0, buf1, ...]
 
-Stock ``jupyter_client.Session`` signs only header, parent, metadata and
-content; pickled functions and arguments travel in the buffers, so
-:class:`FarmSession` signs ``header + parent + metadata + content + buffers``.
-A message without buffers therefore has exactly the standard signature, which
-keeps stock Jupyter clients (``jupyter console --existing``) working against
-an engine.
+The signature is Jupyter's own HMAC over header, parent, metadata and content.
+Pickled functions and arguments travel in the buffers, which stock Jupyter does
+not sign, so a message with buffers carries ``header["buffer_digests"]``: the
+SHA-256 of each buffer, space-separated (a tree hash of 4 MiB chunks for large ones, computed
+on several threads). The HMAC covers the header, hence the digests, hence
+every buffer byte.
 
-Verification happens before anything is unpacked: :meth:`FarmSession.deserialize`
-checks the signature over every frame, then JSON-decodes the four header parts;
-buffers are handed out as memoryviews and never unpickled here.
+Why this shape rather than one HMAC over all frames: the controller routes
+payloads it never unpickles, so it checks only the small header parts (a
+100 MB push is not hashed three times), while the two ends that do unpickle
+(client and engine) check every buffer against its digest before anything is
+decoded. And a message is, byte for byte, a standard Jupyter message: stock
+clients (``jupyter console --existing``) verify it as usual.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jupyter_client.session import DELIM, Session, extract_dates
 
-__all__ = ["DELIM", "FarmSession", "SignatureError", "frames_bytes", "split_identities"]
+__all__ = [
+    "DELIM",
+    "FarmSession",
+    "SignatureError",
+    "buffer_digest",
+    "frames_bytes",
+    "split_identities",
+]
 
 
 class SignatureError(ValueError):
@@ -61,20 +73,31 @@ def split_identities(frames: list) -> tuple[list[bytes], list]:
     raise ValueError("no <IDS|MSG> delimiter in the first 16 frames")
 
 
+CHUNK = 4 * 2**20
+_pool: ThreadPoolExecutor | None = None
+
+
+def _chunk_digest(view: memoryview) -> bytes:
+    return hashlib.sha256(view).digest()
+
+
+def buffer_digest(buf: Any) -> str:
+    """SHA-256 of a buffer; above 8 MiB a tree hash of 4 MiB chunks, hashed in parallel."""
+    view = _view(buf)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    n = view.nbytes
+    if n <= 2 * CHUNK:
+        return "sha256:" + hashlib.sha256(view).hexdigest()
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "ipyfarm-hash")
+    parts = list(_pool.map(_chunk_digest, (view[i:i + CHUNK] for i in range(0, n, CHUNK))))
+    return "sha256t4m:" + hashlib.sha256(b"".join(parts)).hexdigest()
+
+
 class FarmSession(Session):
-    """``jupyter_client.Session`` with a signature over every frame."""
-
-    def _digest(self, parts: list) -> bytes:
-        if self.auth is None:
-            return b""
-        h = self.auth.copy()
-        for part in parts:
-            h.update(part if isinstance(part, bytes | memoryview) else part.buffer)
-        return h.hexdigest().encode()
-
-    def sign_frames(self, parts: list) -> bytes:
-        """Signature of ``[header, parent, metadata, content, *buffers]``."""
-        return self._digest(parts)
+    """``jupyter_client.Session`` whose signed header commits to every buffer."""
 
     def send(  # type: ignore[override]
         self,
@@ -88,7 +111,7 @@ class FarmSession(Session):
         header: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Build, sign (buffers included) and send a message; same signature as Session.send."""
+        """Build, sign and send a message; same signature as ``Session.send``."""
         if isinstance(msg_or_type, dict):
             msg = msg_or_type
             buffers = buffers or msg.get("buffers", [])
@@ -102,10 +125,8 @@ class FarmSession(Session):
         to_send = self.serialize_with_buffers(msg, ident, buffers)
         tracker = None
         if stream is not None:
-            big = any(len(memoryview(b)) >= self.copy_threshold for b in buffers)
-            if track and big and hasattr(stream, "send_multipart") and not hasattr(
-                stream, "on_recv"
-            ):
+            big = any(_view(b).nbytes >= self.copy_threshold for b in buffers)
+            if track and big and not hasattr(stream, "on_recv"):
                 tracker = stream.send_multipart(to_send, copy=False, track=True)
             else:
                 stream.send_multipart(to_send, copy=not big)
@@ -115,6 +136,7 @@ class FarmSession(Session):
     def serialize_with_buffers(
         self, msg: dict[str, Any], ident: bytes | list[bytes] | None, buffers: list
     ) -> list:
+        """``[idents..., DELIM, signature, header, parent, metadata, content, *buffers]``."""
         content = msg.get("content", {})
         if content is None:
             content = self.none
@@ -122,25 +144,25 @@ class FarmSession(Session):
             content = self.pack(content)
         elif isinstance(content, str):
             content = content.encode("utf8")
-        parts = [
-            self.pack(msg["header"]),
-            self.pack(msg["parent_header"]),
-            self.pack(msg["metadata"]),
-            content,
-        ]
         views = []
         for i, buf in enumerate(buffers):
-            view = buf if isinstance(buf, memoryview) else memoryview(buf)
+            view = _view(buf)
             if not view.contiguous:
                 raise ValueError(f"buffer {i} ({type(buf).__name__}) is not contiguous")
-            views.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+            views.append(view if view.ndim == 1 and view.format == "B" else view.cast("B"))
+        header = msg["header"]
+        if views:
+            # one string, not a list: ipykernel hashes parent headers (frozenset of items)
+            header = dict(header, buffer_digests=" ".join(buffer_digest(v) for v in views))
+        parts = [self.pack(header), self.pack(msg["parent_header"]),
+                 self.pack(msg["metadata"]), content]
         to_send: list = []
         if isinstance(ident, list):
             to_send.extend(ident)
         elif ident is not None:
             to_send.append(ident)
         to_send.append(DELIM)
-        to_send.append(self._digest(parts + views))
+        to_send.append(self.sign(parts))
         to_send.extend(parts)
         to_send.extend(views)
         return to_send
@@ -148,52 +170,58 @@ class FarmSession(Session):
     def serialize(self, msg: dict[str, Any], ident: Any = None) -> list:  # type: ignore[override]
         return self.serialize_with_buffers(msg, ident, list(msg.get("buffers", [])))
 
-    def send_raw(self, stream: Any, msg_list: list, flags: int = 0, copy: bool = True,
-                 ident: Any = None) -> None:
-        to_send: list = []
-        if isinstance(ident, bytes):
-            ident = [ident]
-        if ident is not None:
-            to_send.extend(ident)
-        to_send.append(DELIM)
-        to_send.append(self._digest(msg_list))
-        to_send.extend(msg_list)
-        stream.send_multipart(to_send, flags, copy=copy)
+    def verify(self, msg_list: list, record: bool = True, check_buffers: bool = True) -> dict:
+        """Check ``[sig, header, parent, metadata, content, *buffers]``; return the header.
 
-    def verify(self, msg_list: list, record: bool = True) -> None:
-        """Check the signature of ``[sig, header, parent, metadata, content, *buffers]``.
-
-        Raises :class:`SignatureError` for a missing, wrong or replayed signature.
+        Raises :class:`SignatureError` for a missing, wrong or replayed signature, or a
+        buffer that does not match its signed digest. ``check_buffers=False`` (the
+        controller, which never unpickles payloads) checks the header parts only.
         """
         if len(msg_list) < 5:
             raise SignatureError(f"malformed message: {len(msg_list)} frames, need at least 5")
-        if self.auth is None:
-            return
-        signature = frames_bytes(msg_list[0])
-        if not signature:
-            raise SignatureError("unsigned message")
-        if signature in self.digest_history:
-            raise SignatureError("replayed message (duplicate signature)")
-        check = self._digest(msg_list[1:])
-        if not hmac.compare_digest(signature, check):
-            raise SignatureError("invalid signature")
-        if record:
-            self._add_digest(signature)
+        head = [frames_bytes(m) for m in msg_list[1:5]]
+        if self.auth is not None:
+            signature = frames_bytes(msg_list[0])
+            if not signature:
+                raise SignatureError("unsigned message")
+            if signature in self.digest_history:
+                raise SignatureError("replayed message (duplicate signature)")
+            if not hmac.compare_digest(signature, self.sign(head)):
+                raise SignatureError("invalid signature")
+        try:
+            header = self.unpack(head[0])
+        except Exception as e:
+            raise SignatureError(f"undecodable header: {e}") from None
+        if not isinstance(header, dict):
+            raise SignatureError("header is not a JSON object")
+        buffers = msg_list[5:]
+        if self.auth is not None and buffers:
+            signed = header.get("buffer_digests")
+            digests = signed.split() if isinstance(signed, str) else []
+            if len(digests) != len(buffers):
+                raise SignatureError(
+                    f"{len(buffers)} buffers but {len(digests)} signed digests")
+            if check_buffers:
+                for i, (buf, want) in enumerate(zip(buffers, digests, strict=True)):
+                    if not hmac.compare_digest(buffer_digest(buf), str(want)):
+                        raise SignatureError(f"buffer {i} does not match its signed digest")
+        if record and self.auth is not None:
+            self._add_digest(frames_bytes(msg_list[0]))
+        return header
 
     def deserialize(  # type: ignore[override]
         self, msg_list: list, content: bool = True, copy: bool = True
     ) -> dict[str, Any]:
-        """Verify every frame, then decode the JSON parts; buffers stay memoryviews."""
-        self.verify(msg_list, record=content)
-        head = [frames_bytes(m) for m in msg_list[1:5]]
-        header = extract_dates(self.unpack(head[0]))
+        """Verify signature and buffers, then decode the JSON parts; buffers stay memoryviews."""
+        header = extract_dates(self.verify(msg_list, record=content))
+        head = [frames_bytes(m) for m in msg_list[2:5]]
         message: dict[str, Any] = {
             "header": header,
             "msg_id": header["msg_id"],
             "msg_type": header["msg_type"],
-            "parent_header": extract_dates(self.unpack(head[1])),
-            "metadata": self.unpack(head[2]),
-            "content": self.unpack(head[3]) if content else head[3],
+            "parent_header": extract_dates(self.unpack(head[0])),
+            "metadata": self.unpack(head[1]),
+            "content": self.unpack(head[2]) if content else head[2],
         }
         message["buffers"] = [_view(m) for m in msg_list[5:]]
         return message

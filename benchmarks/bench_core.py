@@ -1,0 +1,163 @@
+"""Core figures for ipyfarm and ipyparallel 9.2, measured side by side in one run.
+
+    pip install -e '.[bench]'
+    python benchmarks/bench_core.py [--quick]
+
+Prints one table: each figure for both, and the ratio (how many times better
+ipyfarm is). Not a test: it asserts nothing and only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import time
+from datetime import date
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+
+
+def _noop() -> None:
+    return None
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def timed_loop(fn: Callable[[], Any], seconds: float, min_n: int = 20) -> float:
+    """Mean seconds per call, after a warm-up."""
+    for _ in range(10):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while n < min_n or time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def start(lib: str, n: int) -> tuple[Any, Any, float]:
+    """Start a cluster of ``n`` engines; return (cluster, client, seconds until ready)."""
+    t0 = time.perf_counter()
+    if lib == "ipyfarm":
+        import ipyfarm as m
+    else:
+        import ipyparallel as m
+    cluster = m.Cluster(n=n, log_level=40 if lib == "ipyparallel" else "ERROR")
+    rc = cluster.start_and_connect_sync()
+    rc.wait_for_engines(n, timeout=120)
+    # "ready" means an engine answers work, not just registered
+    rc[:].apply_sync(_noop)
+    return cluster, rc, time.perf_counter() - t0
+
+
+def controller_pid(lib: str, cluster: Any) -> int:
+    if lib == "ipyfarm":
+        return os.getpid()  # embedded: the controller lives in this process
+    return cluster.controller.process.pid
+
+
+def engine_pids(rc: Any) -> list[int]:
+    return rc[:].apply_sync(os.getpid)
+
+
+def engine_side_processes(pids: list[int], lib: str, cluster: Any) -> float:
+    """Processes started per engine (engine itself + helpers such as nanny processes)."""
+    me = psutil.Process()
+    total = len(me.children(recursive=True))
+    if lib == "ipyparallel":
+        total -= 1  # its controller process
+    return total / max(1, len(pids))
+
+
+def measure(lib: str, quick: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    secs = 1.0 if quick else 3.0
+    cluster, rc, ready2 = start(lib, 2)
+    out["2 engines ready (s)"] = ready2
+    try:
+        e0 = rc[0]
+        out["direct apply_sync round trip (ms)"] = timed_loop(
+            lambda: e0.apply_sync(_noop), secs) * 1000
+        dview = rc[:]
+        out["execute on all engines (ms)"] = timed_loop(
+            lambda: dview.execute("pass", block=True), secs) * 1000
+        size = 100 * 2**20
+        arr = np.ones(size // 8)
+        e0.push({"x": arr}, block=True)
+        e0.pull("x", block=True)
+
+        def push_pull() -> None:
+            e0.push({"x": arr}, block=True)
+            back = e0.pull("x", block=True)
+            assert back.nbytes == arr.nbytes
+
+        reps = 3 if quick else 6
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            push_pull()
+        dt = time.perf_counter() - t0
+        out["push+pull 100 MB (GB/s)"] = 2 * reps * size / dt / 1e9
+        pids = engine_pids(rc)
+        time.sleep(0.5)
+        out["idle engine RSS (MB)"] = sum(rss_mb(p) for p in pids) / len(pids)
+        out["processes per engine"] = engine_side_processes(pids, lib, cluster)
+        # controller memory across a 1 GB push + pull
+        cpid = controller_pid(lib, cluster)
+        e0.execute("x = None", block=True)
+        gc.collect()
+        base = rss_mb(cpid)
+        big = np.ones(2**30 // 8)
+        e0.push({"big": big}, block=True)
+        back = e0.pull("big", block=True)
+        del back
+        e0.execute("big = None", block=True)
+        del big
+        gc.collect()
+        time.sleep(1.0)
+        after = rss_mb(cpid)
+        out["controller RSS growth after 1 GB push+pull (MB)"] = after - base
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+    cluster, rc, ready8 = start(lib, 8)
+    out["8 engines ready (s)"] = ready8
+    rc.close()
+    cluster.stop_cluster_sync()
+    return out
+
+
+LOWER_IS_BETTER = {"2 engines ready (s)", "8 engines ready (s)",
+                   "direct apply_sync round trip (ms)", "execute on all engines (ms)",
+                   "idle engine RSS (MB)", "processes per engine",
+                   "controller RSS growth after 1 GB push+pull (MB)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="shorter timing loops")
+    parser.add_argument("--only", choices=["ipyfarm", "ipyparallel"])
+    args = parser.parse_args()
+    libs = [args.only] if args.only else ["ipyfarm", "ipyparallel"]
+    results = {lib: measure(lib, args.quick) for lib in libs}
+    print(f"\nipyfarm core benchmark, {date.today()}, {platform.node()}, "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(f"{'figure':<50} {'ipyfarm':>10} {'ipyparallel':>12} {'ratio':>7}")
+    for key in results[libs[0]]:
+        a = results.get("ipyfarm", {}).get(key, float("nan"))
+        b = results.get("ipyparallel", {}).get(key, float("nan"))
+        if key in LOWER_IS_BETTER:
+            ratio = b / a if a else float("nan")
+        else:
+            ratio = a / b if b else float("nan")
+        print(f"{key:<50} {a:>10.3f} {b:>12.3f} {ratio:>6.2f}x")
+    print("ratio: how many times better ipyfarm is (>1 = ipyfarm better)")
+
+
+if __name__ == "__main__":
+    main()
