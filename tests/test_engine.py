@@ -225,6 +225,8 @@ def test_registration(engine):
     # inside the engine, ipykernel finds the same file
     assert engine.apply_value(_connection_file) == str(path)
     assert engine.apply_value(ops.get_properties)["pid"] == engine.proc.pid
+    ids = engine.apply_value(lambda: (ops._kernel.engine_id, ops._kernel.engine_uuid))
+    assert ids == (0, info["uuid"])
     assert "without encryption" not in engine.stderr()
 
 
@@ -259,6 +261,22 @@ def test_apply_reads_pushed_global_and_captures_stdout(engine):
     assert md["started"] <= md["completed"]
     assert engine.apply_value(ops.pull, "a") == 21
     assert engine.apply_value(ops.pull, ["a", "a"]) == [21, 21]
+
+
+def test_output_spread_over_timed_flushes_is_all_captured(engine):
+    def chatty():
+        import sys
+        import time
+
+        for i in range(4):
+            print(i)
+            print(f"e{i}", file=sys.stderr)
+            time.sleep(0.08)  # ipykernel also flushes on its own every 0.2 s
+
+    md = engine.apply(chatty)["metadata"]
+    assert md["stdout"] == "0\n1\n2\n3\n"
+    assert md["stderr"] == "e0\ne1\ne2\ne3\n"
+    assert engine.apply(lambda: None)["metadata"]["stdout"] == ""  # nothing carried over
 
 
 def test_numpy_argument_is_a_read_only_view(engine):
@@ -454,11 +472,16 @@ def _extra_engine(tmp, name, *extra):
     return controller, Engine(controller, tmp, *extra)
 
 
-def test_sigterm_unregisters_and_removes_connection_file(tmp):
-    controller, engine = _extra_engine(tmp, "term")
+@pytest.mark.parametrize("how", ["SIGTERM", "shutdown_request"])
+def test_clean_exit_unregisters_and_removes_connection_file(tmp, how):
+    controller, engine = _extra_engine(tmp, how)
     try:
         path = Path(engine.wait_registered()["connection_file"])
-        engine.proc.send_signal(signal.SIGTERM)
+        if how == "SIGTERM":
+            engine.proc.send_signal(signal.SIGTERM)
+        else:
+            ctl = engine.send(engine.control, "shutdown_request", {"restart": False})
+            assert engine.reply(engine.control, ctl)["msg_type"] == "shutdown_reply"
         assert engine.proc.wait(10) == 0, engine.stderr()
         assert not path.exists()
         deadline = time.monotonic() + 2

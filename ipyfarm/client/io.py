@@ -1,48 +1,64 @@
-"""The client's one I/O thread: it alone touches the DEALER socket to the controller.
+"""The client's sockets: user threads send, one I/O thread receives.
 
-User threads hand signed frames to it through an inproc PUSH (under a lock);
-replies and notifications are passed to ``on_message`` on this thread.
+A client has two DEALER sockets to the controller with paired identities:
+``<id>-s`` (sending, used by user threads under a lock, so a request costs no
+thread hop) and ``<id>-r`` (receiving, owned by the I/O thread). The controller
+answers a message from ``<id>-s`` to ``<id>-r``; messages from any other peer
+are answered to the sender, as usual.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import os
 import threading
 from typing import Any, Callable
 
 import zmq
 
 log = logging.getLogger("ipyfarm.client")
-_ids = itertools.count()
 
 
 class ClientIO(threading.Thread):
     def __init__(self, context: zmq.Context, url: str, on_message: Callable[[list], None]):
         super().__init__(name="ipyfarm-client-io", daemon=True)
-        self.context = context
         self.on_message = on_message
+        base = f"c{os.getpid():x}-{os.urandom(6).hex()}".encode()
         self.sock = context.socket(zmq.DEALER)
-        self.sock.linger = 0
+        self.sock.setsockopt(zmq.IDENTITY, base + b"-r")
+        self.out = context.socket(zmq.DEALER)
+        self.out.setsockopt(zmq.IDENTITY, base + b"-s")
+        for s in (self.sock, self.out):
+            s.linger = 0
+            s.sndhwm = 0
+            s.rcvhwm = 0
         self.sock.connect(url)
-        addr = f"inproc://ipyfarm-client-{id(self)}-{next(_ids)}"
-        self.outbox = context.socket(zmq.PULL)
-        self.outbox.bind(addr)
-        self.inbox = context.socket(zmq.PUSH)
-        self.inbox.linger = 0
-        self.inbox.connect(addr)
+        self.out.connect(url)
+        addr = f"inproc://ipyfarm-client-wake-{base.decode()}"
+        self._wake_pull = context.socket(zmq.PAIR)
+        self._wake_pull.bind(addr)
+        self._wake = context.socket(zmq.PAIR)
+        self._wake.linger = 0
+        self._wake.connect(addr)
         self._send_lock = threading.Lock()
         self._stopping = False
         self.closed = threading.Event()
 
     def send(self, frames: list, track: bool = False) -> Any:
-        """Queue ``frames`` for the controller; returns a MessageTracker when tracking."""
+        """Send ``frames`` to the controller; returns a MessageTracker when tracking."""
         with self._send_lock:
             if self._stopping:
                 raise RuntimeError("this Client is closed; create a new one")
+            out = self.out
             if track:
-                return self.inbox.send_multipart(frames, copy=False, track=True)
-            self.inbox.send_multipart(frames, copy=False)
+                return out.send_multipart(frames, copy=False, track=True)
+            last = len(frames) - 1
+            more = zmq.SNDMORE.value
+            for i, frame in enumerate(frames):
+                if isinstance(frame, bytes) and len(frame) < 65536:
+                    out.send(frame, 0 if i == last else more)
+                else:
+                    out.send(frame, 0 if i == last else more, copy=False)
             return None
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -50,27 +66,19 @@ class ClientIO(threading.Thread):
             if self._stopping:
                 return
             self._stopping = True
-            self.inbox.send(b"")  # a one-frame message wakes the loop
+            self._wake.send(b"")
+            self.out.close(0)
         if self is not threading.current_thread():
             self.join(timeout)
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.outbox, zmq.POLLIN)
-        sock, outbox = self.sock, self.outbox
+        poller.register(self._wake_pull, zmq.POLLIN)
+        sock = self.sock
         try:
-            while True:
+            while not self._stopping:
                 events = dict(poller.poll())
-                if outbox in events:
-                    for _ in range(1024):
-                        try:
-                            frames = outbox.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        if len(frames) == 1 and self._stopping:
-                            return
-                        sock.send_multipart(frames, copy=False)
                 if sock in events:
                     for _ in range(1024):
                         try:
@@ -82,8 +90,8 @@ class ClientIO(threading.Thread):
                         except Exception:
                             log.exception("ipyfarm client: error handling a message")
         finally:
-            for s in (self.sock, self.outbox):
+            for s in (self.sock, self._wake_pull):
                 s.close(0)
             with self._send_lock:
-                self.inbox.close(0)
+                self._wake.close(0)
             self.closed.set()

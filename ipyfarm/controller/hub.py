@@ -51,6 +51,20 @@ class RateLimitedLog:
             self._held[kind] += 1
 
 
+_BIG = 65536
+
+
+def send_frames(sock: zmq.Socket, frames: list) -> None:
+    """``send_multipart`` without its per-call overhead; only big frames go zero-copy."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        flags = 0 if i == last else zmq.SNDMORE.value
+        if isinstance(frame, bytes):
+            sock.send(frame, flags)
+        else:
+            sock.send(frame, flags, copy=len(frame) >= _BIG)
+
+
 def _nbytes(frames: list) -> int:
     return sum(len(f) for f in frames[5:])
 
@@ -82,7 +96,9 @@ class Hub:
         self.stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._engine_socks: dict[int, tuple[zmq.Socket, zmq.Socket, str]] = {}
-        self._sock_owner: dict[zmq.Socket, int] = {}
+        self._control_groups: dict[str, dict] = {}  # control msg_id -> waiting hub request
+        self._control_engine: dict[str, int] = {}  # control msg_id -> engine id
+        self._sent_control: list[str] = []
         self._bind()
 
     # ------------------------------------------------------------------ setup
@@ -93,7 +109,9 @@ class Hub:
         for s in (self.client_sock, self.reg_sock):
             s.linger = 0
             s.router_handover = 1
-            s.setsockopt(zmq.MAXMSGSIZE, -1)
+            # a ROUTER drops what exceeds its high-water mark: never lose a reply
+            s.sndhwm = 0
+            s.rcvhwm = 0
         self.client_port = self.client_sock.bind_to_random_port(f"tcp://{self.ip}")
         # clients in this process (same zmq context) skip TCP
         self.inproc_url = f"inproc://ipyfarm-hub-{os.getpid()}-{id(self)}"
@@ -101,6 +119,7 @@ class Hub:
         self.reg_port = self.reg_sock.bind_to_random_port(f"tcp://{self.ip}")
         self.iopub_sock = ctx.socket(zmq.SUB)
         self.iopub_sock.linger = 0
+        self.iopub_sock.rcvhwm = 0
         self.iopub_sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._wake_addr = f"inproc://ipyfarm-hub-wake-{id(self)}"
         self.wake_pull = ctx.socket(zmq.PULL)
@@ -174,6 +193,7 @@ class Hub:
                 now = time.monotonic()
                 if now >= next_timer:
                     self._execute(self.state.handle(E.TimerFired(now)))
+                    self._expire_control(now)
                     next_timer = now + timer_every
         finally:
             self._close()
@@ -225,6 +245,8 @@ class Hub:
             self.dropped["malformed"] += 1
             return
         ident = idents[0]
+        if ident.endswith(b"-s"):
+            ident = ident[:-1] + b"r"  # a client's sending socket: answer its receiving one
         msg_type = header["msg_type"]
         now = time.monotonic()
         if msg_type in TASK_TYPES:
@@ -294,7 +316,48 @@ class Hub:
         self._execute(self.state.handle(ev))
 
     def _on_engine_control(self, engine_id: int, frames: list) -> None:
-        self._decode(frames, f"engine {engine_id} control")  # replies need no action
+        decoded = self._decode(frames, f"engine {engine_id} control")
+        if decoded is None:
+            return
+        parent = self.session.unpack(decoded[1][2].bytes)
+        if isinstance(parent, dict):
+            self._control_answered(parent.get("msg_id", ""))
+
+    # A hub request that fans out to engines' control channels is answered when every
+    # engine has confirmed (so `rc.clear()` then `apply` sees an empty namespace), or
+    # after CONTROL_TIMEOUT seconds / when the engine is lost.
+    CONTROL_TIMEOUT = 5.0
+
+    def _reply_when_done(self, ident: bytes, header: dict, reply_type: str,
+                         control_ids: list[str]) -> None:
+        if not control_ids:
+            self._reply(ident, header, reply_type, {"status": "ok", "unanswered": []})
+            return
+        group = {"ident": ident, "header": header, "type": reply_type,
+                 "waiting": set(control_ids),
+                 "deadline": time.monotonic() + self.CONTROL_TIMEOUT}
+        for cid in control_ids:
+            self._control_groups[cid] = group
+
+    def _control_answered(self, control_id: str) -> None:
+        group = self._control_groups.pop(control_id, None)
+        self._control_engine.pop(control_id, None)
+        if group is None:
+            return
+        group["waiting"].discard(control_id)
+        if not group["waiting"]:
+            self._reply(group["ident"], group["header"], group["type"],
+                        {"status": "ok", "unanswered": []})
+
+    def _expire_control(self, now: float) -> None:
+        for cid, group in list(self._control_groups.items()):
+            if now >= group["deadline"] and cid in self._control_groups:
+                unanswered = sorted(self._control_engine.get(c, -1) for c in group["waiting"])
+                for c in group["waiting"]:
+                    self._control_groups.pop(c, None)
+                    self._control_engine.pop(c, None)
+                self._reply(group["ident"], group["header"], group["type"],
+                            {"status": "ok", "unanswered": unanswered})
 
     def _on_iopub(self, frames: list) -> None:
         topic = frames[0].bytes
@@ -309,7 +372,7 @@ class Hub:
         parent = self.session.unpack(rest[2].bytes)
         rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) else None
         if rec is not None:
-            self.client_sock.send_multipart([rec.client_ident, DELIM, *rest], copy=False)
+            send_frames(self.client_sock, [rec.client_ident, DELIM, *rest])
 
     # ------------------------------------------------------------------ hub queries
     def _reply(self, ident: bytes, header: dict, msg_type: str, content: dict,
@@ -342,9 +405,7 @@ class Hub:
                 if status_only:
                     continue
                 if rec.result_frames is not None:
-                    self.client_sock.send_multipart(
-                        [ident, DELIM, *rec.result_frames], copy=False
-                    )
+                    send_frames(self.client_sock, [ident, DELIM, *rec.result_frames])
                 else:
                     released.append(msg_id)
         self._reply(ident, header, "result_reply", {
@@ -363,22 +424,22 @@ class Hub:
 
     def _q_hub_abort_request(self, ident: bytes, header: dict, content: dict) -> None:
         ev = E.AbortRequested(time.monotonic(), content["msg_ids"], content["targets"])
+        self._sent_control = []
         self._execute(self.state.handle(ev))
-        self._reply(ident, header, "hub_abort_reply", {"status": "ok"})
+        self._reply_when_done(ident, header, "hub_abort_reply", self._sent_control)
 
     def _targets(self, targets: list | None) -> list[int]:
         live = self.state.live_ids()
         return live if targets is None else [t for t in targets if t in live]
 
     def _q_hub_clear_request(self, ident: bytes, header: dict, content: dict) -> None:
-        for engine_id in self._targets(content["targets"]):
-            self._send_control(engine_id, "clear_request", {})
-        self._reply(ident, header, "hub_clear_reply", {"status": "ok"})
+        ids = [self._send_control(e, "clear_request", {}) for e in self._targets(content["targets"])]
+        self._reply_when_done(ident, header, "hub_clear_reply", [i for i in ids if i])
 
     def _q_hub_signal_request(self, ident: bytes, header: dict, content: dict) -> None:
-        for engine_id in self._targets(content["targets"]):
-            self._send_control(engine_id, "signal_request", {"signum": content["signum"]})
-        self._reply(ident, header, "hub_signal_reply", {"status": "ok"})
+        ids = [self._send_control(e, "signal_request", {"signum": content["signum"]})
+               for e in self._targets(content["targets"])]
+        self._reply_when_done(ident, header, "hub_signal_reply", [i for i in ids if i])
 
     def _q_hub_shutdown_request(self, ident: bytes, header: dict, content: dict) -> None:
         for engine_id in self._targets(content["targets"]):
@@ -398,10 +459,10 @@ class Hub:
 
     def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
         shell = self._engine_socks[cmd.engine_id][0]
-        shell.send_multipart([cmd.client_ident, DELIM, *cmd.frames], copy=False)
+        send_frames(shell, [cmd.client_ident, DELIM, *cmd.frames])
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
-        self.client_sock.send_multipart([cmd.client_ident, DELIM, *cmd.frames], copy=False)
+        send_frames(self.client_sock, [cmd.client_ident, DELIM, *cmd.frames])
 
     def _do_FailTask(self, cmd: C.FailTask) -> None:
         reply_type = cmd.msg_type.replace("_request", "_reply")
@@ -426,6 +487,8 @@ class Hub:
         control = self.context.socket(zmq.DEALER)
         for s in (shell, control):
             s.linger = 0
+            s.sndhwm = 0
+            s.rcvhwm = 0
         shell.connect(url(ci["shell_port"]))
         control.connect(url(ci["control_port"]))
         iopub_url = url(ci["iopub_port"])
@@ -438,6 +501,9 @@ class Hub:
         self.poller.register(control, zmq.POLLIN)
 
     def _do_DisconnectEngine(self, cmd: C.DisconnectEngine) -> None:
+        for cid, eid in list(self._control_engine.items()):
+            if eid == cmd.engine_id:
+                self._control_answered(cid)
         socks = self._engine_socks.pop(cmd.engine_id, None)
         if socks is None:
             return
@@ -462,13 +528,20 @@ class Hub:
         for ident in list(self.state.clients):
             self.session.send(self.client_sock, cmd.msg_type, cmd.content, ident=ident)
 
-    def _send_control(self, engine_id: int, msg_type: str, content: dict) -> None:
+    def _send_control(self, engine_id: int, msg_type: str, content: dict) -> str | None:
         socks = self._engine_socks.get(engine_id)
-        if socks is not None:
-            self.session.send(socks[1], msg_type, content)
+        if socks is None:
+            return None
+        msg = self.session.send(socks[1], msg_type, content)
+        msg_id = msg["header"]["msg_id"] if msg else None
+        if msg_id:
+            self._control_engine[msg_id] = engine_id
+        return msg_id
 
     def _do_SendControl(self, cmd: C.SendControl) -> None:
-        self._send_control(cmd.engine_id, cmd.msg_type, cmd.content)
+        msg_id = self._send_control(cmd.engine_id, cmd.msg_type, cmd.content)
+        if msg_id:
+            self._sent_control.append(msg_id)
 
     def _do_KillEngine(self, cmd: C.KillEngine) -> None:
         if self.on_kill is not None:

@@ -25,6 +25,7 @@ import threading
 import uuid
 from typing import Any
 
+import zmq
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
 from traitlets import Bool, Dict, Float, Integer, Type, Unicode, default
 
@@ -169,6 +170,10 @@ class FarmEngineApp(IPKernelApp):
     ).tag(config=True)
     engine_uuid = Unicode(help="this engine's uuid (names its connection file)")
 
+    @default("outstream_class")
+    def _default_outstream_class(self) -> str:
+        return "ipyfarm.engine.capture.EngineOutStream"
+
     @default("engine_uuid")
     def _default_engine_uuid(self) -> str:
         return str(uuid.uuid4())
@@ -217,7 +222,7 @@ class FarmEngineApp(IPKernelApp):
                 "--url, or use --controller-file FILE."
             )
         self.session.signature_scheme = self.signature_scheme
-        self.session.key = self.key.encode("ascii")
+        self.session.key = self.key.encode()
         ip_given = "ip" in self.config.IPKernelApp or "ip" in self.config.FarmEngineApp
         if not ip_given and self.transport == "tcp":
             self.ip = _ip_facing(_host_of(self.url))
@@ -355,6 +360,9 @@ class FarmEngineApp(IPKernelApp):
         loop = getattr(self, "io_loop", None)
         if loop is not None:
             loop.add_callback(loop.stop)
+            # a running task is interrupted (SIGINT is ignored when idle); the timer ends
+            # code that ignores the interrupt
+            os.kill(os.getpid(), signal.SIGINT)
             timer = threading.Timer(EXIT_GRACE, self._hard_exit)
             timer.daemon = True
             timer.start()
@@ -374,5 +382,13 @@ def main(argv: list[str] | None = None) -> None:
         app.initialize(argv)
     except EngineStartError as e:
         _error_to_terminal(f"ipyfarm engine: {e}")
+        sys.exit(1)
+    except zmq.ZMQError as e:
+        _error_to_terminal(
+            f"ipyfarm engine: cannot bind the kernel ports on {app.transport}://{app.ip}: {e}.\n"
+            "Likely cause: --ip is not an address of this host, or the ports given are "
+            "taken.\nWhat to do: pass --ip with one of this host's addresses (or omit it), "
+            "and leave the ports unset so free ones are picked."
+        )
         sys.exit(1)
     app.start()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipykernel.iostream import OutStream
 from jupyter_client.session import extract_dates
 
 from ipyfarm.protocol.session import FarmSession, frames_bytes
 
-__all__ = ["CAPTURED_TYPES", "Captured", "EngineSession", "OutputCapture"]
+__all__ = ["CAPTURED_TYPES", "Captured", "EngineOutStream", "EngineSession", "OutputCapture"]
 
 CAPTURED_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
 
@@ -148,3 +149,35 @@ class EngineSession(FarmSession):
         return super().send(
             stream, msg_or_type, content, parent, ident, buffers, track, header, metadata
         )
+
+
+class EngineOutStream(OutStream):
+    """ipykernel's stdout/stderr, whose ``flush()`` returns at once when nothing is pending.
+
+    ipykernel flushes both streams after every request, and each flush is a round trip
+    to the iopub thread; for a task that printed nothing that was most of the engine's
+    time per task. ``_written`` counts completed writes, ``_flushed`` the writes that an
+    already finished flush has sent (and so captured); equal counts mean nothing to do.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._written = 0
+        self._flushed = 0
+        super().__init__(*args, **kwargs)
+
+    def write(self, string: str) -> int | None:  # type: ignore[override]
+        n = super().write(string)
+        with self._buffer_lock:  # after the text is buffered: a flush counting it sends it
+            self._written += 1
+        return n
+
+    def _flush(self) -> None:
+        upto = self._written  # before the buffers are rotated out
+        super()._flush()
+        if upto > self._flushed:
+            self._flushed = upto
+
+    def flush(self) -> None:
+        if self._flushed >= self._written:
+            return
+        super().flush()

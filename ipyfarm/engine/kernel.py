@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import traceback
+import uuid
 from typing import Any
 
 import zmq
@@ -30,7 +31,7 @@ from jupyter_client.session import utcnow
 from traitlets import default, observe
 
 from ipyfarm.engine import ops
-from ipyfarm.engine.capture import Captured, EngineSession
+from ipyfarm.engine.capture import Captured, EngineSession, OutputCapture
 from ipyfarm.protocol.messages import SchemaError, validate
 from ipyfarm.protocol.serialize import SerializationError, dumps, unpack_apply
 
@@ -38,6 +39,7 @@ __all__ = ["FarmKernel"]
 
 #: how many aborted msg_ids are remembered (ids never seen again would pile up otherwise)
 _ABORTED_LIMIT = 100_000
+_ERROR_KEYS = ("status", "ename", "evalue", "traceback", "engine_info")
 
 
 def _describe(obj: Any) -> str:
@@ -66,12 +68,7 @@ class FarmKernel(IPythonKernel):
     @default("ident")
     def _default_ident(self) -> str:
         # the app picks the uuid first: it names the connection file
-        uuid = getattr(self.parent, "engine_uuid", None)
-        if uuid:
-            return uuid
-        import uuid as _uuid
-
-        return str(_uuid.uuid4())
+        return getattr(self.parent, "engine_uuid", None) or str(uuid.uuid4())
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -106,7 +103,7 @@ class FarmKernel(IPythonKernel):
         return {"engine_id": self.int_id, "engine_uuid": self.ident, "method": method}
 
     @property
-    def _capture(self):
+    def _capture(self) -> OutputCapture | None:
         session = self.session
         return session.capture if isinstance(session, EngineSession) else None
 
@@ -132,7 +129,7 @@ class FarmKernel(IPythonKernel):
         metadata["status"] = status
         metadata["completed"] = utcnow()
         if status == "error":
-            metadata["error"] = reply_content
+            metadata["error"] = {k: reply_content[k] for k in _ERROR_KEYS if k in reply_content}
             if reply_content.get("ename") == "UnmetDependency":
                 metadata["dependencies_met"] = False
         return metadata

@@ -5,7 +5,8 @@ ROUTER (docs/protocol.md, "Engine life")::
 
     engine                                   controller
     registration_request {uuid, ...}   ──►
-                                       ◄──   registration_reply {status, engine_id, heartbeat_period}
+                                       ◄──   registration_reply {status, engine_id,
+                                                                heartbeat_period}
     heartbeat_request {uuid}  (every heartbeat_period)
                                        ◄──   heartbeat_reply {status: "ok" | "unknown"}
     unregistration_request {uuid}      ──►   (clean exit)

@@ -77,7 +77,8 @@ def clear() -> None:
 def execute(code: str) -> None:
     """Run Python source in the user namespace (no IPython syntax; use execute_request)."""
     shell = _shell()
-    exec(compile(code, "<ipyfarm execute>", "exec"), shell.user_global_ns, shell.user_ns)  # noqa: S102
+    code_obj = compile(code, "<ipyfarm execute>", "exec")
+    exec(code_obj, shell.user_global_ns, shell.user_ns)  # noqa: S102
 
 
 def get_properties() -> dict:

@@ -81,7 +81,12 @@ class _Pickler(cloudpickle.Pickler):
 
 
 def dumps(obj: Any) -> list:
-    """Pickle ``obj``; return ``[pickle, *out_of_band_buffers]``."""
+    """Pickle ``obj``; return ``[pickle, *out_of_band_buffers]``.
+
+    The C pickler runs first (fast); cloudpickle takes over when it fails or the
+    pickle refers to ``__main__`` (interactively defined functions and classes
+    must travel by value, which only cloudpickle does).
+    """
     buffers: list = []
 
     def keep(buf: pickle.PickleBuffer) -> bool:
@@ -91,15 +96,31 @@ def dumps(obj: Any) -> list:
         buffers.append(view)
         return False
 
+    wrapped = _wrap_top(obj)
+    if not _BY_VALUE_REGISTRY():
+        try:
+            data = pickle.dumps(wrapped, protocol=5, buffer_callback=keep)
+        except Exception:
+            data = None
+        if data is not None and b"__main__" not in data:
+            return [data, *buffers]
+        buffers.clear()
     f = io.BytesIO()
-    _Pickler(f, protocol=5, buffer_callback=keep).dump(_wrap_top(obj))
+    _Pickler(f, protocol=5, buffer_callback=keep).dump(wrapped)
     return [f.getvalue(), *buffers]
+
+
+def _BY_VALUE_REGISTRY() -> Any:
+    # modules registered with cloudpickle.register_pickle_by_value need cloudpickle
+    return getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
 
 
 def loads(frames: list) -> Any:
     """Inverse of :func:`dumps`; buffers may be bytes, memoryviews or zmq Frames."""
     views = [f if isinstance(f, bytes | memoryview) else f.buffer for f in frames]
-    return pickle.loads(views[0], buffers=views[1:])
+    # received arrays are read-only views of the message buffer (no copy)
+    oob = [v.toreadonly() if isinstance(v, memoryview) else v for v in views[1:]]
+    return pickle.loads(views[0], buffers=oob)
 
 
 def _describe(obj: Any) -> str:

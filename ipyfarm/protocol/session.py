@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from jupyter_client.session import DELIM, Session, extract_dates
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import DELIM, Session, extract_dates, json_packer
 
 __all__ = [
     "DELIM",
@@ -96,8 +98,24 @@ def buffer_digest(buf: Any) -> str:
     return "sha256t4m:" + hashlib.sha256(b"".join(parts)).hexdigest()
 
 
+_encoder = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False)
+
+
+def _pack(obj: Any) -> bytes:
+    """Jupyter's JSON packing, with one encoder reused (json.dumps builds one per call)."""
+    try:
+        return _encoder.encode(obj).encode("utf8", "surrogateescape")
+    except (TypeError, ValueError):
+        return json_packer(obj)  # jupyter_client's, with its fallbacks
+
+
 class FarmSession(Session):
     """``jupyter_client.Session`` whose signed header commits to every buffer."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        if self.packer == "json":
+            self.pack = _pack
 
     def send(  # type: ignore[override]
         self,
