@@ -365,9 +365,11 @@ def test_abort_request(engine):
     assert reply["msg_type"] == "apply_reply"
     assert reply["content"] == {"status": "aborted"}
     assert reply["metadata"]["status"] == "aborted"
-    engine.send(engine.shell, "execute_request", {"code": "1"}, msg_id=doomed + "x")
-    ctl = engine.send(engine.control, "abort_request", {"msg_ids": []})
+    # execute requests are aborted the same way
+    ctl = engine.send(engine.control, "abort_request", {"msg_ids": [doomed + "x"]})
     engine.reply(engine.control, ctl)
+    engine.send(engine.shell, "execute_request", {"code": "1"}, msg_id=doomed + "x")
+    assert engine.reply(engine.shell, doomed + "x")["content"]["status"] == "aborted"
     assert engine.apply_value(lambda: 7) == 7  # later tasks run
 
 

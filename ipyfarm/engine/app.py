@@ -161,6 +161,8 @@ class FarmEngineApp(IPKernelApp):
     key = Unicode("", help="the cluster key (hex), with --url").tag(config=True)
     signature_scheme = Unicode("hmac-sha256", help="with --url").tag(config=True)
     parent_pid = Integer(0, help="exit when this process exits").tag(config=True)
+    subshells = Bool(False, help="serve Jupyter kernel subshells (ipykernel >= 7); off by "
+                     "default: one thread hop less per task").tag(config=True)
     registration_timeout = Float(30.0, help="seconds to wait for the controller").tag(
         config=True
     )
@@ -248,6 +250,15 @@ class FarmEngineApp(IPKernelApp):
             control=self.control_port,
         )
 
+    def init_control(self, context: Any) -> None:
+        super().init_control(context)
+        # ipykernel 7 routes shell messages through a "shell channel" thread (for
+        # subshells) and inproc pipes: two thread hops per task. Engines run one task at
+        # a time and need no subshells, so the shell socket is served by the main loop.
+        thread = getattr(self, "shell_channel_thread", None)
+        if thread is not None and not self.subshells:
+            self.shell_channel_thread = None
+
     def init_signal(self) -> None:
         super().init_signal()
 
@@ -303,11 +314,13 @@ class FarmEngineApp(IPKernelApp):
     def start(self) -> None:
         if self.subapp is not None:
             return super().start()
-        if self.link is not None:
-            self._register()
-        if self.parent_pid:
-            watch_process(self.parent_pid, self._stop_engine)
         try:
+            # inside the try: a SIGTERM during registration must still stop the link
+            # thread, or the interpreter would wait for it at exit
+            if self.link is not None:
+                self._register()
+            if self.parent_pid:
+                watch_process(self.parent_pid, self._stop_engine)
             super().start()
         finally:
             if self.link is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 from ipykernel.ipkernel import IPythonKernel
 from jupyter_client.session import utcnow
-from traitlets import default, observe
+from traitlets import default
 
 from ipyfarm.engine import ops
 from ipyfarm.engine.capture import Captured, EngineSession, OutputCapture
@@ -75,7 +75,6 @@ class FarmKernel(IPythonKernel):
         self.aborted: dict[str, None] = {}  # insertion-ordered set, bounded
         # set by abort_request([]): queued applies are aborted too, until ipykernel's
         # "stop aborting" marker (queued behind them) clears _aborting
-        self._abort_applies = False
         self.properties: dict[str, Any] = {}
         ops._bind(self)
 
@@ -133,6 +132,25 @@ class FarmKernel(IPythonKernel):
             if reply_content.get("ename") == "UnmetDependency":
                 metadata["dependencies_met"] = False
         return metadata
+
+    # ---- status: apply requests publish none ---------------------------------------------
+    # A busy/idle pair per task is two iopub messages through the iopub thread that no
+    # frontend reads (apply is not a Jupyter request); the controller tracks task state.
+
+    def _is_apply(self, parent: Any) -> bool:
+        header = (parent or {}).get("header") if isinstance(parent, dict) else None
+        return isinstance(header, dict) and header.get("msg_type") == "apply_request"
+
+    def _publish_status(self, status: str, channel: str, parent: Any = None) -> None:
+        if self._is_apply(parent or self.get_parent(channel)):
+            return
+        super()._publish_status(status, channel, parent)
+
+    def _publish_status_and_flush(self, status: str, channel: str, stream: Any,
+                                  parent: Any = None) -> None:
+        if self._is_apply(parent or self.get_parent(channel)):
+            return
+        super()._publish_status_and_flush(status, channel, stream, parent)
 
     def _flush_output(self) -> None:
         if sys.stdout is not None:
@@ -212,9 +230,6 @@ class FarmKernel(IPythonKernel):
             del self.aborted[msg_id]
             self._send_abort_reply(stream, msg, idents)
             return False
-        if msg["header"]["msg_type"] == "apply_request" and self._abort_applies:
-            self._send_abort_reply(stream, msg, idents)
-            return False
         return True
 
     def _send_abort_reply(self, stream: Any, msg: dict, idents: list) -> None:
@@ -225,11 +240,6 @@ class FarmKernel(IPythonKernel):
         self.session.send(
             stream, reply_type, content, msg, ident=idents, metadata=metadata
         )
-
-    @observe("_aborting")
-    def _aborting_changed(self, change: dict) -> None:
-        if not change["new"]:
-            self._abort_applies = False
 
     # ---- control ----------------------------------------------------------------------
 
@@ -243,15 +253,14 @@ class FarmKernel(IPythonKernel):
         return True
 
     def abort_request(self, stream: Any, ident: list, parent: dict) -> None:
-        """Answer the listed tasks ``aborted`` when they come up; an empty list aborts
-        everything queued now."""
+        """Answer the listed tasks ``aborted`` when they come up, without running them.
+
+        The controller knows each engine's queue and always names the tasks, so an
+        abort never races with tasks sent after it.
+        """
         if not self._valid(parent):
             return
-        msg_ids = parent["content"]["msg_ids"]
-        if not msg_ids:
-            self._abort_applies = True
-            self._abort_queues()
-        for msg_id in msg_ids:
+        for msg_id in parent["content"]["msg_ids"]:
             self.aborted[str(msg_id)] = None
         while len(self.aborted) > _ABORTED_LIMIT:
             del self.aborted[next(iter(self.aborted))]
