@@ -111,6 +111,37 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def install_kernelspec(user: bool = False, prefix: str | None = None) -> str:
+    """Install the ``ipyfarm-engine`` kernelspec; returns where it went.
+
+    A wheel install ships it already (``jupyter-config/``); an editable install
+    does not (setuptools skips data files there), hence this command.
+    """
+    import json
+    import tempfile
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = {
+        "argv": [sys.executable, "-m", "ipyfarm.engine", "-f", "{connection_file}"],
+        "display_name": "ipyfarm engine",
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"debugger": False},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "kernel.json"), "w") as f:
+            json.dump(spec, f, indent=1)
+        return KernelSpecManager().install_kernel_spec(
+            tmp, "ipyfarm-engine", user=user, prefix=None if user else (prefix or sys.prefix))
+
+
+def _cmd_kernelspec(args: argparse.Namespace) -> int:
+    where = install_kernelspec(user=args.user)
+    print(f"ipyfarm: installed the ipyfarm-engine kernelspec in {where}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -151,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="a short demonstration on an embedded cluster")
     sp.add_argument("-n", type=int, default=min(4, os.cpu_count() or 1))
     sp.set_defaults(func=_cmd_demo)
+    sp = sub.add_parser("kernelspec", help="install the ipyfarm-engine Jupyter kernelspec")
+    sp.add_argument("--user", action="store_true", help="in the user's Jupyter dir")
+    sp.set_defaults(func=_cmd_kernelspec)
     sub.add_parser("engine", help="run one engine (options: python -m ipyfarm.engine --help)",
                    add_help=False)
     return p

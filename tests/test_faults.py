@@ -172,3 +172,29 @@ def test_shutdown_hub_from_client_stops_everything(tmp_path):
         assert wait_until(lambda: not any(_alive(p) for p in [info["pid"], *engines]), 10)
     finally:
         kill_pids([info["pid"], *engines])
+
+
+def test_kernelspec_installs_and_jupyter_starts_an_engine_kernel(tmp_path, monkeypatch):
+    """The ipyfarm-engine kernelspec launches a real FarmKernel through jupyter_client."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import start_new_kernel
+
+    from ipyfarm.cli import install_kernelspec
+
+    where = install_kernelspec(prefix=str(tmp_path))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share" / "jupyter" / "kernels")])
+    assert "ipyfarm-engine" in ksm.find_kernel_specs(), where
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    outputs = []
+    km, kc = start_new_kernel(kernel_name="ipyfarm-engine", startup_timeout=30)
+    try:
+        reply = kc.execute_interactive(
+            "print(type(get_ipython().kernel).__name__)", timeout=15,
+            output_hook=lambda msg: outputs.append(msg))
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    assert "FarmKernel" in text
+

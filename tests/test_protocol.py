@@ -34,13 +34,18 @@ def test_signature_covers_buffers(session):
         FarmSession(key=b"secret").deserialize(dropped + [b"extra", b"extra2"])
 
 
-def test_large_buffers_use_a_parallel_tree_hash():
-    from ipyfarm.protocol.session import buffer_digest
+def test_buffer_digests_name_their_algorithm_and_both_verify():
+    from ipyfarm.protocol.session import buffer_digest, check_digest
 
-    big = bytes(range(256)) * (40 * 4096)  # 40 MiB
-    d = buffer_digest(big)
-    assert d.startswith("sha256t4m:") and d == buffer_digest(memoryview(big))
-    assert buffer_digest(b"x").startswith("sha256:")
+    big = bytes(range(256)) * (40 * 4096)  # 40 MiB: threaded paths
+    for algorithm in ("blake3", "sha256"):
+        d = buffer_digest(big, algorithm)
+        assert d == buffer_digest(memoryview(big), algorithm)
+        assert check_digest(big, d) and not check_digest(big[:-1] + b"x", d)
+    assert buffer_digest(big, "sha256").startswith("sha256t4m:")
+    assert buffer_digest(b"x").startswith("blake3:")
+    with pytest.raises(SignatureError, match="unknown buffer digest algorithm"):
+        check_digest(b"x", "md5:abc")
 
 
 def test_without_buffers_the_signature_is_standard_jupyter(session):
