@@ -103,9 +103,13 @@ def measure(lib: str, quick: bool) -> dict[str, float]:
         e0.pull("x", block=True)
 
         def push_pull() -> None:
-            e0.push({"x": arr}, block=True)
-            back = e0.pull("x", block=True)
+            ar = e0.push({"x": arr}, block=False)
+            ar.get()
+            ar2 = e0.pull("x", block=False)
+            back = ar2.get()
             assert back.nbytes == arr.nbytes
+            # both clients cache every result; drop them so each round starts alike
+            rc.purge_local_results([ar, ar2])
 
         reps = 3 if quick else 6
         t0 = time.perf_counter()
@@ -137,6 +141,34 @@ def measure(lib: str, quick: bool) -> dict[str, float]:
     return out
 
 
+def standalone_controller_growth() -> float:
+    """RSS growth (MB) of a standalone ipyfarm controller across a 1 GB push + pull."""
+    import subprocess
+
+    import ipyfarm
+
+    profile = f"bench-{os.getpid()}"
+    cli = [sys.executable, "-m", "ipyfarm"]
+    subprocess.run(cli + ["start", "-n", "1", "--daemonize", "--profile", profile],
+                   check=True, capture_output=True, timeout=120)
+    rc = ipyfarm.Client(profile=profile)
+    try:
+        cpid = rc._info["pid"]
+        e0 = rc[0]
+        e0.apply_sync(min, 1, 2)
+        base = rss_mb(cpid)
+        big = np.ones(2**30 // 8)
+        e0.push({"big": big}, block=True)
+        back = e0.pull("big", block=True)
+        del back, big
+        e0.execute("big = None", block=True)
+        time.sleep(1.0)
+        return rss_mb(cpid) - base
+    finally:
+        rc.close()
+        subprocess.run(cli + ["stop", "--profile", profile], capture_output=True, timeout=60)
+
+
 LOWER_IS_BETTER = {"2 engines ready (s)", "8 engines ready (s)",
                    "direct apply_sync round trip (ms)", "execute on all engines (ms)",
                    "idle engine RSS (MB)", "processes per engine",
@@ -150,10 +182,17 @@ def main() -> None:
     args = parser.parse_args()
     libs = [args.only] if args.only else ["ipyfarm", "ipyparallel"]
     results = {lib: measure(lib, args.quick) for lib in libs}
+    key = "standalone controller RSS growth, 1 GB push+pull (MB)"
+    LOWER_IS_BETTER.add(key)
+    if "ipyfarm" in results:
+        results["ipyfarm"][key] = standalone_controller_growth()
+    if "ipyparallel" in results:  # its controller is always a separate process
+        results["ipyparallel"][key] = results["ipyparallel"][
+            "controller RSS growth after 100 MB x 6 and 1 GB push+pull (MB)"]
     print(f"\nipyfarm core benchmark, {date.today()}, {platform.node()}, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"{'figure':<50} {'ipyfarm':>10} {'ipyparallel':>12} {'ratio':>7}")
-    for key in results[libs[0]]:
+    for key in results[libs[0]]:  # noqa: B020
         a = results.get("ipyfarm", {}).get(key, float("nan"))
         b = results.get("ipyparallel", {}).get(key, float("nan"))
         if key in LOWER_IS_BETTER:
