@@ -148,6 +148,13 @@ class Client:
             targets = self._resolve_targets(targets, keep_single=True)
         return DirectView(self, "all" if targets is None else targets, **kwargs)
 
+    def load_balanced_view(self, targets: Any = None, **kwargs: Any) -> Any:
+        """Not available yet: load balancing (task farming) is the next piece of work."""
+        raise NotImplementedError(
+            "ipyfarm does not have load-balanced views yet (task farming is being built). "
+            "For now use a DirectView: rc[:].map_sync(f, seq) splits work evenly over engines."
+        )
+
     def _resolve_targets(self, targets: Any, keep_single: bool = False) -> Any:
         """Engine ids from ``targets`` (int, list, slice, "all", None)."""
         ids = self.ids

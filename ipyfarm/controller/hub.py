@@ -232,6 +232,17 @@ class Hub:
             return None
         return idents, rest, header
 
+    def _content(self, msg_type: str, rest: list, what: str) -> dict | None:
+        """The decoded content if it fits its schema; None (counted, logged) if not."""
+        try:
+            content = self.session.unpack(rest[4].bytes)
+            validate(msg_type, content)
+        except (SchemaError, ValueError) as e:
+            self.dropped["schema"] += 1
+            self.bad.warn("schema", f"controller: dropped {what}: {e}")
+            return None
+        return content
+
     def _on_wake(self, frames: list) -> None:
         while self._posted:
             self._execute(self.state.handle(self._posted.popleft()))
@@ -256,12 +267,8 @@ class Hub:
             ev = E.TaskSubmitted(now, header["msg_id"], ident, msg_type, engine_id, rest, label)
             self._execute(self.state.handle(ev))
             return
-        try:
-            content = self.session.unpack(rest[4].bytes)
-            validate(msg_type, content)
-        except (SchemaError, ValueError) as e:
-            self.dropped["schema"] += 1
-            self.bad.warn("schema", f"controller: dropped a client request: {e}")
+        content = self._content(msg_type, rest, "a client request")
+        if content is None:
             return
         handler = getattr(self, "_q_" + msg_type, None)
         if handler is None:
@@ -276,12 +283,8 @@ class Hub:
             return
         idents, rest, header = decoded
         msg_type = header["msg_type"]
-        try:
-            content = self.session.unpack(rest[4].bytes)
-            validate(msg_type, content)
-        except (SchemaError, ValueError) as e:
-            self.dropped["schema"] += 1
-            self.bad.warn("schema", f"controller: dropped an engine message: {e}")
+        content = self._content(msg_type, rest, "an engine message")
+        if content is None:
             return
         ident = idents[0] if idents else b""
         now = time.monotonic()
