@@ -73,8 +73,6 @@ class FarmKernel(IPythonKernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.aborted: dict[str, None] = {}  # insertion-ordered set, bounded
-        # set by abort_request([]): queued applies are aborted too, until ipykernel's
-        # "stop aborting" marker (queued behind them) clears _aborting
         self.properties: dict[str, Any] = {}
         ops._bind(self)
 
