@@ -64,7 +64,7 @@ def read_controller_file(path: str) -> dict[str, Any]:
     """The controller file's JSON; raise EngineStartError saying what is wrong with it."""
     what_to_do = (
         "Start a cluster first (`ipyfarm start`), or pass the file of a running one "
-        "(they are `ipyfarm-<profile>.json` in the Jupyter runtime dir, "
+        "(they are `ipyfarm-cluster-<profile>.json` in the Jupyter runtime dir, "
         "`jupyter --runtime-dir`)."
     )
     try:
@@ -193,6 +193,9 @@ class FarmEngineApp(IPKernelApp):
         self._engine_defaults()
         self.log.addFilter(_OneLineDrops())
         super().initialize(argv)
+        # traitlets leaves the logger at DEBUG and filters in the handler, so every
+        # log.debug on ipykernel's per-message path built a record; filter at the logger
+        self.log.setLevel(self.log_level)
         if self.subapp is None and self.url:
             self._make_link()
 

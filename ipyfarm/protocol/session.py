@@ -26,6 +26,7 @@ import hmac
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
 from jupyter_client.jsonutil import json_default
@@ -146,6 +147,22 @@ def _pack(obj: Any) -> bytes:
         return _encoder.encode(obj).encode("utf8", "surrogateescape")
     except (TypeError, ValueError):
         return json_packer(obj)  # jupyter_client's, with its fallbacks
+
+
+def _header_dates(header: Any) -> Any:
+    """``header["date"]`` as a datetime (what ``extract_dates`` gives, without its
+    regex-and-dateutil walk over every string of the header)."""
+    if isinstance(header, dict):
+        date = header.get("date")
+        if isinstance(date, str):
+            try:
+                parsed = datetime.fromisoformat(date.replace("Z", "+00:00"))
+            except ValueError:
+                return extract_dates(header)
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            header = dict(header, date=parsed)
+    return header
 
 
 class FarmSession(Session):
@@ -270,13 +287,13 @@ class FarmSession(Session):
         self, msg_list: list, content: bool = True, copy: bool = True
     ) -> dict[str, Any]:
         """Verify signature and buffers, then decode the JSON parts; buffers stay memoryviews."""
-        header = extract_dates(self.verify(msg_list, record=content))
+        header = _header_dates(self.verify(msg_list, record=content))
         head = [frames_bytes(m) for m in msg_list[2:5]]
         message: dict[str, Any] = {
             "header": header,
             "msg_id": header["msg_id"],
             "msg_type": header["msg_type"],
-            "parent_header": extract_dates(self.unpack(head[0])),
+            "parent_header": _header_dates(self.unpack(head[0])),
             "metadata": self.unpack(head[1]),
             "content": self.unpack(head[2]) if content else head[2],
         }
