@@ -29,6 +29,14 @@ def test_the_issue_example_runs(rc):
     assert ar.metadata.engine_id == 1
 
 
+def test_reference_resolves_on_each_engine(rc):
+    rc[0]["ref_value"] = 10
+    rc[1]["ref_value"] = 20
+    assert rc[:].apply_sync(lambda x, y: x + y, ipp.Reference("ref_value"), 1) == [11, 21]
+    with pytest.raises(error.RemoteError, match="'nothing_here' is not defined"):
+        rc[0].apply_sync(len, ipp.Reference("nothing_here"))
+
+
 def test_targets_select_engines(rc):
     assert rc.ids == [0, 1]
     assert rc[0].apply_sync(lambda: 1) == 1

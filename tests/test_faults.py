@@ -79,8 +79,9 @@ def test_garbage_and_forged_messages_are_dropped(cluster, rc):
     assert wait_until(lambda: sum(hub.dropped.values()) - before >= 8, 5)
     # engines' shell ports too
     cf = json.load(open(rc.engines[0]["connection_file"]))
-    for frames in garbage:
-        _send_raw(f"tcp://127.0.0.1:{cf['shell_port']}", frames)
+    for port in ("shell_port", "control_port", "stdin_port"):
+        for frames in garbage:
+            _send_raw(f"tcp://127.0.0.1:{cf[port]}", frames)
     # a message replayed verbatim is refused
     real = FarmSession(key=info["key"].encode())
     frames = real.serialize_with_buffers(real.msg("history_request", {}), None, [])

@@ -13,8 +13,6 @@ from typing import Any
 
 from ipykernel.iostream import OutStream
 from jupyter_client.session import extract_dates
-from tornado.ioloop import IOLoop
-from zmq.eventloop.zmqstream import ZMQStream
 
 from ipyfarm.protocol.session import FarmSession, frames_bytes
 
@@ -148,24 +146,12 @@ class EngineSession(FarmSession):
                     self.capture.record(msg_or_type)
             elif msg_or_type["header"]["msg_type"] in CAPTURED_TYPES:
                 self.capture.record(msg_or_type)
+        # not straight on stream.socket, though it would save a loop pass: the zmq fd
+        # is edge-triggered, and a send the ZMQStream does not know of can swallow the
+        # "readable" edge of the next request (seen: tasks left waiting)
         return super().send(
-            _direct(stream), msg_or_type, content, parent, ident, buffers, track, header,
-            metadata,
+            stream, msg_or_type, content, parent, ident, buffers, track, header, metadata
         )
-
-
-def _direct(stream: Any) -> Any:
-    """A ZMQStream's socket when we run on the stream's own loop thread.
-
-    ``ZMQStream.send_multipart`` queues the message and sends it on a later loop
-    iteration; on the loop's own thread the socket can be used at once (it is that
-    thread's socket), which saves a loop pass per reply.
-    """
-    if not isinstance(stream, ZMQStream):
-        return stream
-    if IOLoop.current(instance=False) is stream.io_loop and not stream.sending():
-        return stream.socket
-    return stream
 
 
 class EngineOutStream(OutStream):
