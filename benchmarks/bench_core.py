@@ -102,7 +102,7 @@ def measure(lib: str, quick: bool) -> dict[str, float]:
         e0.push({"x": arr}, block=True)
         e0.pull("x", block=True)
 
-        def push_pull() -> None:
+        def push_pull(arr: np.ndarray = arr) -> None:
             ar = e0.push({"x": arr}, block=False)
             ar.get()
             ar2 = e0.pull("x", block=False)

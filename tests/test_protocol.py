@@ -8,7 +8,7 @@ import pytest
 
 from ipyfarm.protocol import serialize
 from ipyfarm.protocol.messages import SchemaError, validate
-from ipyfarm.protocol.session import DELIM, FarmSession, SignatureError, split_identities
+from ipyfarm.protocol.session import FarmSession, SignatureError, split_identities
 
 
 @pytest.fixture

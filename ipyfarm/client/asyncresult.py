@@ -15,7 +15,6 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .. import error
@@ -317,8 +316,3 @@ class AsyncHubResult(AsyncResult):
 
         threading.Thread(target=poller, name="ipyfarm-hubresult", daemon=True).start()
 
-
-def now_utc() -> datetime:
-    from datetime import timezone
-
-    return datetime.now(timezone.utc)
