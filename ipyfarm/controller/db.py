@@ -31,6 +31,14 @@ class TaskRecord:
     result_frames: Any = None
     result_nbytes: int = 0
     released: bool = False  # payload dropped to bound memory
+    queue: str = "mux"  # "mux": direct to one engine; "task": load-balanced
+    engine_uuid: str | None = None
+    ename: str | None = None  # the error's name when status == "error"
+    evalue: str | None = None
+    request_frames: Any = None  # the signed request, kept (within the byte budget) for resubmit
+    request_nbytes: int = 0
+    resubmitted: str | None = None  # msg_id of the task that reran this one
+    submitted_date: str | None = None  # the request header's ISO date (wall clock)
 
     @property
     def done(self) -> bool:
@@ -85,6 +93,12 @@ class MemoryTaskDB:
             if old is not None:
                 old.result_frames = None
                 old.released = True
+
+    def store_request(self, rec: TaskRecord, frames: Any, nbytes: int) -> None:
+        """Keep a finished task's request for ``resubmit`` (same byte budget as results)."""
+
+    def finish(self, rec: TaskRecord) -> None:
+        """Called once when ``rec`` reaches a done state (a persistent DB writes it then)."""
 
     def _release(self, msg_id: str) -> None:
         n = self._stored.pop(msg_id, None)
