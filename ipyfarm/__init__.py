@@ -11,6 +11,11 @@ from .client.asyncresult import AsyncHubResult as AsyncHubResult
 from .client.asyncresult import AsyncMapResult as AsyncMapResult
 from .client.asyncresult import AsyncResult as AsyncResult
 from .client.client import Client as Client
+from .client.dependency import Dependency as Dependency
+from .client.dependency import depend as depend
+from .client.dependency import dependent as dependent
+from .client.dependency import require as require
+from .client.lbview import LoadBalancedView as LoadBalancedView
 from .client.remotefunction import ParallelFunction as ParallelFunction
 from .client.remotefunction import RemoteFunction as RemoteFunction
 from .client.remotefunction import parallel as parallel
@@ -32,13 +37,18 @@ __all__ = [
     "Client",
     "Cluster",
     "CompositeError",
+    "Dependency",
     "DirectView",
+    "LoadBalancedView",
     "ParallelFunction",
     "Reference",
     "RemoteError",
     "RemoteFunction",
     "error",
+    "depend",
+    "dependent",
     "interactive",
     "parallel",
     "remote",
+    "require",
 ]

@@ -172,18 +172,66 @@ class CompositeError(RemoteError):
         raise self.elist[excid]
 
 
+# Errors raised by the controller or the engine machinery rather than by user code
+# arrive as RemoteErrors (ename, evalue, engine_info) that are also instances of their
+# own class, so both `except ipp.error.DependencyTimeout` and `e.ename` work.
+
+
+class RemoteKernelError(RemoteError):
+    """Base of the remote forms of ipyfarm's KernelErrors."""
+
+    def __str__(self) -> str:
+        if self.engine_id is None:
+            return f"{self.ename}: {self.evalue}"
+        return super().__str__()
+
+
+class RemoteEngineError(EngineError, RemoteKernelError):
+    pass
+
+
+class RemoteTaskAborted(TaskAborted, RemoteKernelError):
+    pass
+
+
+class RemoteTaskTimeout(TaskTimeout, RemoteKernelError):
+    pass
+
+
+class RemoteUnmetDependency(UnmetDependency, RemoteKernelError):
+    pass
+
+
+class RemoteImpossibleDependency(ImpossibleDependency, RemoteKernelError):
+    pass
+
+
+class RemoteDependencyTimeout(DependencyTimeout, RemoteKernelError):
+    pass
+
+
+class RemoteInvalidDependency(InvalidDependency, RemoteKernelError):
+    pass
+
+
+_REMOTE_KINDS: dict[str, type[RemoteError]] = {
+    cls.__mro__[1].__name__: cls
+    for cls in (RemoteEngineError, RemoteTaskAborted, RemoteTaskTimeout, RemoteUnmetDependency,
+                RemoteImpossibleDependency, RemoteDependencyTimeout, RemoteInvalidDependency)
+}
+
+
 def wrap_exception(content: dict) -> RemoteError:
-    """The error content of a reply as a :class:`RemoteError` (EngineError when the engine died)."""
+    """The error content of a reply as a :class:`RemoteError`.
+
+    Controller and engine-machinery errors (EngineError, DependencyTimeout, ...) come
+    back as a RemoteError that is also an instance of that class.
+    """
     tb = content.get("traceback", [])
     tb_text = "\n".join(tb) if isinstance(tb, list) else str(tb)
     ename = content.get("ename", "Exception")
-    err = RemoteError(ename, content.get("evalue", ""), tb_text, content.get("engine_info"))
-    if ename == "EngineError":
-        e = EngineError(content.get("evalue", ""))
-        e.ename, e.evalue, e.traceback = ename, err.evalue, tb_text  # type: ignore[attr-defined]
-        e.engine_info = err.engine_info  # type: ignore[attr-defined]
-        return e  # type: ignore[return-value]
-    return err
+    cls = _REMOTE_KINDS.get(ename, RemoteError)
+    return cls(ename, content.get("evalue", ""), tb_text, content.get("engine_info"))
 
 
 def collect_exceptions(results: list, method: str) -> list:

@@ -262,25 +262,61 @@ for _key in ("stdout", "stderr", "outputs", "engine_id", "execute_result", "erro
 
 
 class AsyncMapResult(AsyncResult):
-    """A map's result: the chunks' results joined back in order."""
+    """A map's result: the chunks' results joined back in order.
+
+    ``ordered=False``: iteration yields each chunk's items as the chunk finishes.
+    ``return_exceptions=True``: a chunk that failed as a whole (its engine died, say)
+    gives its exception once per item, so results still line up with the input.
+    """
 
     def __init__(self, client: Client, msg_ids: list[str], joiner: Any, fname: str = "map",
-                 **kwargs: Any):
+                 ordered: bool = True, return_exceptions: bool = False,
+                 sizes: list[int] | None = None, **kwargs: Any):
         self._joiner = joiner
-        super().__init__(client, msg_ids, fname, single=False, **kwargs)
+        self._ordered = ordered
+        self._sizes = sizes
+        self._arrived: list[str] = []
+        self._arrival = threading.Condition()
+        super().__init__(client, msg_ids, fname, single=False,
+                         return_exceptions=return_exceptions, **kwargs)
+
+    def _msg_done(self, msg_id: str) -> None:
+        super()._msg_done(msg_id)
+        with self._arrival:
+            self._arrived.append(msg_id)
+            self._arrival.notify_all()
+
+    def _piece(self, i: int, r: Any) -> list:
+        if isinstance(r, BaseException):
+            if not self._return_exceptions:
+                raise r
+            return [r] * (self._sizes[i] if self._sizes else 1)
+        return r
 
     def _reconstruct(self, results: list) -> Any:
-        error.collect_exceptions(results, self._fname)
-        return self._joiner(results)
+        if not self._return_exceptions:
+            error.collect_exceptions(results, self._fname)
+            return self._joiner(results)
+        return self._joiner([self._piece(i, r) for i, r in enumerate(results)])
+
+    def _in_arrival_order(self) -> Iterator[str]:
+        seen = 0
+        while seen < len(self.msg_ids):
+            with self._arrival:
+                while len(self._arrived) <= seen:
+                    self._arrival.wait(1.0)
+                batch = self._arrived[seen:]
+            seen += len(batch)
+            yield from batch
 
     def __iter__(self) -> Iterator:
-        for msg_id in self.msg_ids:
-            while msg_id in self._remaining:
-                self.wait(0.05)
-            r = self._client.results[msg_id]
-            if isinstance(r, BaseException):
-                raise r
-            yield from r
+        index = {m: i for i, m in enumerate(self.msg_ids)}
+        order = iter(self.msg_ids) if self._ordered else self._in_arrival_order()
+        for msg_id in order:
+            with self._arrival:
+                while msg_id in self._remaining:
+                    self._arrival.wait(1.0)
+            yield from self._piece(index[msg_id], self._client.results[msg_id])
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):

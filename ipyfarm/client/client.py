@@ -137,6 +137,8 @@ class Client:
         """``rc[0]``, ``rc[[0, 2]]``, ``rc[::2]``, ``rc[-1]``, ``rc[:]``: DirectViews."""
         from .view import DirectView
 
+        if key is None:  # the oldest API's spelling of a load-balanced view
+            return self.load_balanced_view()
         if isinstance(key, slice) and key == slice(None):
             return DirectView(self, "all")
         return DirectView(self, self._resolve_targets(key, keep_single=True))
@@ -149,11 +151,18 @@ class Client:
         return DirectView(self, "all" if targets is None else targets, **kwargs)
 
     def load_balanced_view(self, targets: Any = None, **kwargs: Any) -> Any:
-        """Not available yet: load balancing (task farming) is the next piece of work."""
-        raise NotImplementedError(
-            "ipyfarm does not have load-balanced views yet (task farming is being built). "
-            "For now use a DirectView: rc[:].map_sync(f, seq) splits work evenly over engines."
-        )
+        """A LoadBalancedView: the controller's scheduler picks an engine per task.
+
+        ``targets`` limits the engines it may pick (default: all, including ones that
+        register later); keyword arguments set its flags (``retries=2``, ...).
+        """
+        from .lbview import LoadBalancedView
+
+        if targets is not None and not (isinstance(targets, str) and targets == "all"):
+            targets = self._resolve_targets(targets)
+        else:
+            targets = None
+        return LoadBalancedView(self, targets, **kwargs)
 
     def _resolve_targets(self, targets: Any, keep_single: bool = False) -> Any:
         """Engine ids from ``targets`` (int, list, slice, "all", None)."""
@@ -229,8 +238,13 @@ class Client:
         msg = self.session.msg(msg_type, content=content, metadata=md)
         msg_id = msg["header"]["msg_id"]
         frames = self.session.serialize_with_buffers(msg, None, buffers)
-        self.metadata[msg_id] = Metadata(msg_id=msg_id, submitted=msg["header"]["date"],
-                                         engine_id=engine_id)
+        meta = Metadata(msg_id=msg_id, submitted=msg["header"]["date"], engine_id=engine_id)
+        if extra_md:
+            for key in ("after", "follow"):
+                dep = extra_md.get(key)
+                if dep:
+                    meta[key] = list(dep["ids"] if isinstance(dep, dict) else dep)
+        self.metadata[msg_id] = meta
         self.outstanding.add(msg_id)
         self.history.append(msg_id)
         tracker = self._io.send(frames, track)
@@ -452,6 +466,49 @@ class Client:
         if block if block is not None else self.block:
             ar.wait()
         return ar
+
+    def resubmit(self, indices_or_msg_ids: Any = None, metadata: Any = None,
+                 block: bool | None = None) -> AsyncResult:
+        """Run finished tasks again (new msg_ids, same request); returns their AsyncResult.
+
+        The controller keeps requests within a memory budget: a task whose request was
+        too large (or pushed out by newer ones) can't be resubmitted and is named in the
+        error.
+        """
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        ids = self._msg_ids_of(indices_or_msg_ids)
+        reply = self._hub_request("resubmit_request", {"msg_ids": ids})
+        if reply.get("status") != "ok":
+            raise error.IPyFarmError(reply.get("evalue", "resubmit failed"))
+        new_ids = [reply["resubmitted"][m] for m in ids]
+        with self._lock:
+            for old_id, new_id in zip(ids, new_ids, strict=True):
+                old = self.metadata.get(old_id)
+                md = Metadata(msg_id=new_id, engine_id=None)
+                if old is not None:
+                    md["after"], md["follow"] = list(old["after"]), list(old["follow"])
+                self.metadata.setdefault(new_id, md)
+                if new_id not in self.results:
+                    self.outstanding.add(new_id)
+                self.history.append(new_id)
+        ar = AsyncResult(self, new_ids, "resubmit", single=len(new_ids) == 1 and
+                         isinstance(indices_or_msg_ids, int | str))
+        if block if block is not None else self.block:
+            ar.wait()
+        return ar
+
+    def db_query(self, query: dict, keys: list | None = None) -> list[dict]:
+        """Task records matching ``query`` (ipyparallel's operators: ``$lt``, ``$gt``,
+        ``$lte``, ``$gte``, ``$eq``, ``$ne``, ``$in``, ``$nin``, ``$glob``)."""
+        if not isinstance(query, dict):
+            raise TypeError(f"query must be a dict, not {type(query).__name__}")
+        reply = self._hub_request("db_request", {"query": query, "keys": keys})
+        if reply.get("status") != "ok":
+            exc = {"KeyError": KeyError, "TypeError": TypeError}.get(reply.get("ename", ""),
+                                                                      ValueError)
+            raise exc(reply.get("evalue", "query failed"))
+        return [extract_dates(r) for r in reply["records"]]
 
     def hub_history(self) -> list[str]:
         """Every msg_id the controller has a record of, oldest first."""

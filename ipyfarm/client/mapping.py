@@ -51,3 +51,40 @@ def join(pieces: list) -> Any:
 def map_chunk(f: Any, *chunks: Any) -> list:
     """Run on an engine: ``list(map(f, *chunks))``."""
     return list(map(f, *chunks))
+
+
+class ItemError:
+    """An item's exception inside a chunk, as data (``map(..., return_exceptions=True)``)."""
+
+    __slots__ = ("ename", "evalue", "traceback", "engine_info")
+
+    def __init__(self, exc: BaseException):
+        import traceback
+
+        from ..engine import ops
+
+        self.ename = type(exc).__name__
+        self.evalue = str(exc)
+        self.traceback = "".join(traceback.format_exception(exc))
+        kernel = ops._kernel
+        self.engine_info = {"engine_id": getattr(kernel, "engine_id", None), "method": "map"}
+
+    def __reduce__(self) -> Any:
+        return _rebuild_item_error, (self.ename, self.evalue, self.traceback, self.engine_info)
+
+def _rebuild_item_error(ename: str, evalue: str, tb: str, engine_info: dict) -> Any:
+    from ..error import wrap_exception
+
+    return wrap_exception({"ename": ename, "evalue": evalue, "traceback": tb.splitlines(),
+                           "engine_info": engine_info})
+
+
+def map_chunk_catching(f: Any, *chunks: Any) -> list:
+    """Run on an engine: like :func:`map_chunk`, an item's exception becomes its result."""
+    out = []
+    for args in zip(*chunks):
+        try:
+            out.append(f(*args))
+        except Exception as e:
+            out.append(ItemError(e))
+    return out

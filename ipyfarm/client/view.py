@@ -125,6 +125,24 @@ class View:
     def get_result(self, indices_or_msg_ids: Any = None, block: bool | None = None) -> Any:
         return self.client.get_result(indices_or_msg_ids, block)
 
+    def set_properties(self, properties: dict, targets: Any = None,
+                       block: bool | None = None) -> Any:
+        """Update the properties dict of this view's engines (the scheduler places
+        load-balanced work on them: ``placement=lambda p: p.get("gpu_count", 0) > 0``)."""
+        if not isinstance(properties, dict):
+            raise TypeError(f"properties must be a dict, not {type(properties).__name__}")
+        t = self.targets if targets is None else targets
+        view = self.client.direct_view(self.client._resolve_targets(t))
+        ar = view.apply_async(_ops().set_properties, properties)
+        return ar.get() if (self.block if block is None else block) else ar
+
+    def get_properties(self, targets: Any = None) -> dict:
+        """``{engine_id: properties}`` for this view's engines."""
+        t = self.targets if targets is None else targets
+        ids = self.client._resolve_targets(t)
+        view = self.client.direct_view(ids)
+        return dict(zip(ids, view.apply_sync(_ops().get_properties), strict=True))
+
     def use_cloudpickle(self) -> None:
         """Kept for compatibility: ipyfarm always uses cloudpickle."""
 

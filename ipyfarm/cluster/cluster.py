@@ -31,7 +31,8 @@ class Cluster:
                  controller: str = "embedded", engines: str = "local",
                  log_level: str = "WARNING", ip: str = "127.0.0.1",
                  heartbeat_period: float = 1.0, heartbeat_timeout: float = 10.0,
-                 engine_timeout: float = 60.0, **kwargs: Any):
+                 engine_timeout: float = 60.0, scheme: str = "leastload", hwm: int = 1,
+                 **kwargs: Any):
         if controller != "embedded":
             raise ValueError(f"controller={controller!r}: only 'embedded' runs in-process; "
                              "use `ipyfarm start` for a standalone controller")
@@ -42,8 +43,16 @@ class Cluster:
         self.log_level = log_level
         self.ip = ip
         self.engine_timeout = engine_timeout
+        from ..controller.schemes import get_scheme
+
+        get_scheme(scheme)  # an unknown name fails here, not on a background thread
+        if not isinstance(hwm, int) or hwm < 0:
+            raise ValueError(f"hwm must be 0 (no limit) or a positive int, not {hwm!r}")
+        self.scheme = scheme
+        self.hwm = hwm
         self._hub_kwargs = {"heartbeat_period": heartbeat_period,
-                            "heartbeat_timeout": heartbeat_timeout}
+                            "heartbeat_timeout": heartbeat_timeout,
+                            "scheme": scheme, "hwm": hwm}
         self.controller: EmbeddedController | None = None
         self.launcher: LocalEngineLauncher | None = None
         self._clients: list[Any] = []

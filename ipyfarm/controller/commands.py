@@ -59,6 +59,7 @@ class FailTask(Command):
     engine_id: int | None
     ename: str
     evalue: str
+    status: str = "error"  # or "aborted"
 
 
 @dataclass(slots=True)

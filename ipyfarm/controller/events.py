@@ -52,12 +52,28 @@ class ClientDisconnected(Event):
 
 @dataclass(slots=True)
 class TaskSubmitted(Event):
+    """A task from a client: direct (``engine_id`` set) or load-balanced (``None``).
+
+    The scheduling fields apply to load-balanced tasks: ``after`` / ``follow``
+    (:class:`~ipyfarm.controller.dependencies.DepSpec` or None), ``timeout`` (seconds
+    to wait for dependencies or a fitting engine), ``targets`` (candidate engine ids),
+    ``retries``, ``placement`` (a predicate on an engine's properties dict).
+    """
+
     msg_id: str
     client_ident: bytes
     msg_type: str  # execute_request | apply_request
     engine_id: int | None
     frames: Any = None
     label: str | None = None
+    after: Any = None
+    follow: Any = None
+    timeout: float | None = None
+    targets: list | None = None
+    retries: int = 0
+    placement: Any = None
+    date: str | None = None
+    resubmit_of: str | None = None
 
 
 @dataclass(slots=True)
@@ -70,6 +86,10 @@ class ReplyArrived(Event):
     started: Any = None
     completed: Any = None
     client_ident: bytes | None = None
+    ename: str | None = None
+    evalue: str | None = None
+    engine_uuid: str | None = None
+    properties: dict | None = None  # the engine's properties, when they changed
 
 
 @dataclass(slots=True)

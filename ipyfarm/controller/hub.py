@@ -8,20 +8,30 @@ dropped and counted, with a rate-limited log line.
 
 from __future__ import annotations
 
+import base64
 import collections
 import logging
 import os
 import secrets
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import zmq
 
 from ..protocol.messages import SchemaError, validate
-from ..protocol.session import DELIM, FarmSession, SignatureError, split_identities
+from ..protocol.serialize import loads
+from ..protocol.session import (
+    DELIM,
+    FarmSession,
+    SignatureError,
+    frames_bytes,
+    split_identities,
+)
 from . import commands as C
 from . import events as E
+from .dependencies import DepSpec
 from .state import ControllerState
 
 log = logging.getLogger("ipyfarm.controller")
@@ -65,6 +75,52 @@ def send_frames(sock: zmq.Socket, frames: list) -> None:
             sock.send(frame, flags, copy=len(frame) >= _BIG)
 
 
+def task_fields(md: Any) -> dict:
+    """Routing and scheduling fields of a task from its (signed) metadata.
+
+    Raises ValueError saying which field is wrong. The placement predicate is the one
+    user object the controller unpickles, on purpose (after the signature checked out).
+    """
+    if not isinstance(md, dict):
+        raise ValueError("task metadata must be a JSON object")
+    engine_id = md.get("engine_id")
+    if engine_id is not None and (not isinstance(engine_id, int) or isinstance(engine_id, bool)):
+        raise ValueError(f"engine_id must be an int or null, not {engine_id!r}")
+    label = md.get("label")
+    if label is not None and not isinstance(label, str):
+        raise ValueError(f"label must be a string, not {type(label).__name__}")
+    out: dict[str, Any] = {"engine_id": engine_id, "label": label}
+    if engine_id is not None:
+        return out
+    out["after"] = DepSpec.from_wire(md.get("after"))
+    out["follow"] = DepSpec.from_wire(md.get("follow"))
+    timeout = md.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)):
+        raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
+    out["timeout"] = float(timeout) if timeout else None
+    targets = md.get("targets")
+    if targets is not None and not (isinstance(targets, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in targets)):
+        raise ValueError(f"targets must be a list of engine ids, not {targets!r}")
+    out["targets"] = targets
+    retries = md.get("retries", 0) or 0
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ValueError(f"retries must be a count >= 0, not {retries!r}")
+    out["retries"] = retries
+    placement = md.get("placement")
+    if placement is not None:
+        try:
+            out["placement"] = loads([base64.b64decode(placement)])
+        except Exception as e:
+            raise ValueError(
+                f"its placement predicate could not be unpickled by the controller: "
+                f"{type(e).__name__}: {e}. Define it with modules the controller's Python "
+                "has, or in the notebook/script itself") from None
+        if not callable(out["placement"]):
+            raise ValueError("placement must be a callable taking the engine's properties")
+    return out
+
+
 def _nbytes(frames: list) -> int:
     return sum(len(f) for f in frames[5:])
 
@@ -80,11 +136,15 @@ class Hub:
         heartbeat_timeout: float = 10.0,
         context: zmq.Context | None = None,
         state: ControllerState | None = None,
+        scheme: str = "leastload",
+        hwm: int = 1,
+        db: Any = None,
     ):
         self.key = key if key is not None else secrets.token_hex(32).encode()
         self.ip = ip
         self.session = FarmSession(key=self.key, username="ipyfarm-controller")
-        self.state = state or ControllerState(heartbeat_period, heartbeat_timeout)
+        self.state = state or ControllerState(heartbeat_period, heartbeat_timeout, db=db,
+                                              scheme=scheme, hwm=hwm)
         self.context = context or zmq.Context.instance()
         self.bad = RateLimitedLog()
         self.dropped: collections.Counter = collections.Counter()
@@ -174,7 +234,11 @@ class Hub:
         next_timer = time.monotonic() + timer_every
         try:
             while not self._stop.is_set():
-                wait = max(0.0, next_timer - time.monotonic())
+                wake = next_timer
+                deadline = self.state.next_deadline()
+                if deadline is not None and deadline < wake:
+                    wake = deadline
+                wait = max(0.0, wake - time.monotonic())
                 for sock, _ in self.poller.poll(wait * 1000):
                     handler = self._handlers.get(sock)
                     if handler is None:
@@ -191,8 +255,9 @@ class Hub:
                         except Exception:  # a bug or bad input must not stop the hub
                             log.exception("controller: error handling a message")
                 now = time.monotonic()
-                if now >= next_timer:
+                if now >= next_timer or (deadline is not None and now >= deadline):
                     self._execute(self.state.handle(E.TimerFired(now)))
+                if now >= next_timer:
                     self._expire_control(now)
                     next_timer = now + timer_every
         finally:
@@ -261,11 +326,7 @@ class Hub:
         msg_type = header["msg_type"]
         now = time.monotonic()
         if msg_type in TASK_TYPES:
-            md = self.session.unpack(rest[3].bytes)
-            engine_id = md.get("engine_id") if isinstance(md, dict) else None
-            label = md.get("label") if isinstance(md, dict) else None
-            ev = E.TaskSubmitted(now, header["msg_id"], ident, msg_type, engine_id, rest, label)
-            self._execute(self.state.handle(ev))
+            self._submit(ident, header, rest, now)
             return
         content = self._content(msg_type, rest, "a client request")
         if content is None:
@@ -276,6 +337,26 @@ class Hub:
             self.bad.warn("unknown", f"controller: unknown request type {msg_type!r}")
             return
         handler(ident, header, content)
+
+    def _submit(self, ident: bytes, header: dict, rest: list, now: float,
+                resubmit_of: str | None = None) -> None:
+        msg_id, msg_type = header["msg_id"], header["msg_type"]
+        md: Any = None
+        try:
+            md = self.session.unpack(frames_bytes(rest[3]))
+            fields = task_fields(md)
+        except Exception as e:  # the task is answered, not dropped: its client waits for it
+            self.dropped["schema"] += 1
+            engine_id = md.get("engine_id") if isinstance(md, dict) else None
+            self._do_FailTask(C.FailTask(ident, msg_id, msg_type, engine_id,
+                                         "InvalidTaskMetadata", f"task {msg_id} was not run: "
+                                         f"{e}"))
+            return
+        date = header.get("date")
+        ev = E.TaskSubmitted(now, msg_id, ident, msg_type, frames=rest,
+                             date=date if isinstance(date, str) else None,
+                             resubmit_of=resubmit_of, **fields)
+        self._execute(self.state.handle(ev))
 
     def _on_registration(self, frames: list) -> None:
         decoded = self._decode(frames, "registration")
@@ -311,10 +392,15 @@ class Hub:
         if msg_id is None:
             self.dropped["malformed"] += 1
             return
-        status = content.get("status", "ok") if isinstance(content, dict) else "error"
+        if not isinstance(content, dict) or not isinstance(md, dict):
+            self.dropped["malformed"] += 1
+            return
+        status = content.get("status", "error")
         ev = E.ReplyArrived(
             time.monotonic(), engine_id, msg_id, status, rest, _nbytes(rest),
             md.get("started"), md.get("completed"), idents[0] if idents else None,
+            content.get("ename"), content.get("evalue"), md.get("engine_uuid"),
+            md.get("properties"),
         )
         self._execute(self.state.handle(ev))
 
@@ -425,6 +511,49 @@ class Hub:
         self._execute(self.state.handle(ev))
         self._reply(ident, header, "purge_reply", {"status": "ok"})
 
+    def _q_resubmit_request(self, ident: bytes, header: dict, content: dict) -> None:
+        """Run finished tasks again under new msg_ids (the request is re-signed here)."""
+        resubmitted: dict[str, str] = {}
+        problems: list[str] = []
+        for old_id in content["msg_ids"]:
+            rec = self.state.record(old_id)
+            if rec is None:
+                problems.append(f"{old_id}: no record (unknown or purged)")
+            elif not rec.done:
+                problems.append(f"{old_id}: still pending")
+            elif rec.request_frames is None:
+                problems.append(f"{old_id}: its request was not kept (too large, or pushed "
+                                "out by newer tasks)")
+        if problems:
+            self._reply(ident, header, "resubmit_reply", {
+                "status": "error", "ename": "ValueError",
+                "evalue": "cannot resubmit: " + "; ".join(problems), "resubmitted": {}})
+            return
+        now = time.monotonic()
+        for old_id in content["msg_ids"]:
+            rec = self.state.record(old_id)
+            assert rec is not None
+            old = rec.request_frames
+            old_header = self.session.unpack(frames_bytes(old[1]))
+            new_header = dict(old_header, msg_id=self.session.msg_id,
+                              date=datetime.now(timezone.utc).isoformat())
+            parts = [self.session.pack(new_header), *(frames_bytes(f) for f in old[2:5])]
+            frames = [self.session.sign(parts), *parts, *old[5:]]
+            resubmitted[old_id] = new_header["msg_id"]
+            self._submit(ident, new_header, frames, now, resubmit_of=old_id)
+        self._reply(ident, header, "resubmit_reply",
+                    {"status": "ok", "resubmitted": resubmitted})
+
+    def _q_db_request(self, ident: bytes, header: dict, content: dict) -> None:
+        try:
+            records = self.state.db.query(content["query"], content.get("keys"))
+        except (KeyError, ValueError, TypeError) as e:
+            self._reply(ident, header, "db_reply", {
+                "status": "error", "ename": type(e).__name__, "evalue": str(e),
+                "records": []})
+            return
+        self._reply(ident, header, "db_reply", {"status": "ok", "records": records})
+
     def _q_hub_abort_request(self, ident: bytes, header: dict, content: dict) -> None:
         ev = E.AbortRequested(time.monotonic(), content["msg_ids"], content["targets"])
         self._sent_control = []
@@ -470,11 +599,11 @@ class Hub:
     def _do_FailTask(self, cmd: C.FailTask) -> None:
         reply_type = cmd.msg_type.replace("_request", "_reply")
         err = {
-            "status": "error", "ename": cmd.ename, "evalue": cmd.evalue, "traceback": [],
+            "status": cmd.status, "ename": cmd.ename, "evalue": cmd.evalue, "traceback": [],
             "engine_info": {"engine_id": cmd.engine_id, "method": cmd.msg_type[:-8]},
         }
-        md = {"engine_id": cmd.engine_id, "status": "error", "error": err,
-              "msg_type": reply_type}
+        md = {"engine_id": cmd.engine_id, "status": cmd.status, "msg_type": reply_type,
+              "error": err if cmd.status == "error" else None}
         parent = {"msg_id": cmd.msg_id, "msg_type": cmd.msg_type}
         self.session.send(self.client_sock, reply_type, err, parent=parent,
                           ident=cmd.client_ident, metadata=md)

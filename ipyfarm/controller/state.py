@@ -3,24 +3,38 @@
 No sockets, threads or clocks here: every time comes in on the event, every
 effect goes out as a command, so each rule is tested by feeding events::
 
-    RegistrationRequested ─► ConnectEngine, ReplyRegistration, NotifyClients
-    TaskSubmitted         ─► DispatchTask            (engine known and alive)
-                          └► FailTask                (no such engine / engine dead)
-    ReplyArrived          ─► DeliverResult
+    RegistrationRequested ─► ConnectEngine, ReplyRegistration, NotifyClients (+ dispatches)
+    TaskSubmitted         ─► DispatchTask                 (direct, or balanced with a free slot)
+                          └► FailTask                     (no such engine, impossible dependency)
+                          └► (nothing yet)                (queued: waits for a slot or dependencies)
+    ReplyArrived          ─► DeliverResult (+ dispatches of queued work)
+                          └► DispatchTask elsewhere       (retry, or UnmetDependency)
     EngineProcessExited / EngineUnregistered / heartbeat silence (TimerFired)
-                          ─► FailTask for each task it held, DisconnectEngine, NotifyClients
+                          ─► FailTask or re-dispatch for each task it held, DisconnectEngine
+    TimerFired            ─► FailTask(DependencyTimeout)  (waited past its ``timeout``)
 
-Task states: pending ─► ok | error | aborted.
+Task states: pending ─► ok | error | aborted. Load-balanced tasks are placed by the
+cluster's scheme (:mod:`.schemes`) on engines with fewer than ``hwm`` outstanding tasks
+(``hwm=0``: no limit).
 """
 
 from __future__ import annotations
 
+import heapq
+import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import commands as C
 from . import events as E
 from .db import PENDING, MemoryTaskDB, TaskRecord
+from .dependencies import UNREACHABLE, WAITING
+from .jobs import READY, RUNNING, Job
+from .jobs import WAITING as PHASE_WAITING
+from .schemes import Slot, get_scheme
+
+UNMET = "UnmetDependency"
 
 
 @dataclass(slots=True)
@@ -34,10 +48,15 @@ class EngineState:
     registered: float
     last_beat: float
     alive: bool = True
-    outstanding: dict = field(default_factory=dict)  # msg_id -> None, in submit order
+    outstanding: dict = field(default_factory=dict)  # msg_id -> "mux" | "task", in order
     completed: int = 0
     failed: int = 0
+    last_used: int = 0
     lost_reason: str = ""
+
+    @property
+    def properties(self) -> dict:
+        return self.info.setdefault("properties", {})
 
     def public(self) -> dict:
         return {
@@ -47,7 +66,7 @@ class EngineState:
             "hostname": self.hostname,
             "connection_file": self.info.get("connection_file"),
             "connection_info": self.info.get("connection_info", {}),
-            "properties": self.info.get("properties", {}),
+            "properties": self.properties,
         }
 
 
@@ -73,18 +92,34 @@ class ControllerState:
         heartbeat_period: float = 1.0,
         heartbeat_timeout: float = 10.0,
         db: MemoryTaskDB | None = None,
+        scheme: str = "leastload",
+        hwm: int = 1,
+        seed: int | None = None,
     ):
+        if hwm < 0:
+            raise ValueError(f"hwm must be 0 (no limit) or a positive count, not {hwm}")
         self.heartbeat_period = heartbeat_period
         self.heartbeat_timeout = heartbeat_timeout
         self.db = db if db is not None else MemoryTaskDB()
+        self.scheme_name = scheme
+        self.scheme = get_scheme(scheme)
+        self.hwm = hwm
+        self.rng = random.Random(seed)
         self.engines: dict[int, EngineState] = {}
         self._by_uuid: dict[str, int] = {}
         self._next_engine_id = 0
         self.clients: dict[bytes, float] = {}
-        self.pending: dict[str, TaskRecord] = {}  # msg_id -> record, until done
+        self.pending: dict[str, Job] = {}  # msg_id -> job, until done
+        self.ready: deque[Job] = deque()  # balanced, dependencies met, waiting for a slot
+        self.waiting: dict[str, Job] = {}  # balanced, dependencies or a fitting engine unmet
+        self._dependents: dict[str, set[str]] = {}  # msg_id -> waiting msg_ids naming it
+        self._deadlines: list[tuple[float, str]] = []  # heap of waiting jobs' deadlines
+        self._dispatches = 0
+        self._now = 0.0
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: E.Event) -> list[C.Command]:
+        self._now = event.now
         method = getattr(self, "_on_" + type(event).__name__)
         return method(event)
 
@@ -110,13 +145,16 @@ class ControllerState:
         )
         self.engines[engine_id] = eng
         self._by_uuid[ev.uuid] = engine_id
-        return [
+        out: list[C.Command] = [
             C.ConnectEngine(engine_id, ev.info),
             C.ReplyRegistration(ev.ident, self._registration_reply(eng)),
             C.NotifyClients(
                 "registration_notification", {"engine_id": engine_id, "info": eng.public()}
             ),
         ]
+        self._revisit_waiting(out)
+        self._schedule(out)
+        return out
 
     def _registration_reply(self, eng: EngineState) -> dict:
         return {
@@ -155,6 +193,7 @@ class ControllerState:
                     eng.engine_id, f"it sent no heartbeat for {silent:.1f} s (hung or unreachable)"
                 )
                 out.append(C.KillEngine(eng.engine_id, eng.pid))
+        self._expire_deadlines(ev.now, out)
         return out
 
     def _lose_engine(self, engine_id: int, reason: str) -> list[C.Command]:
@@ -164,30 +203,33 @@ class ControllerState:
         eng.alive = False
         eng.lost_reason = reason
         out: list[C.Command] = []
-        for msg_id in list(eng.outstanding):
-            rec = self.pending.pop(msg_id, None)
-            if rec is None:
-                continue
-            rec.status = "error"
-            eng.failed += 1
-            out.append(
-                C.FailTask(
-                    rec.client_ident,
-                    msg_id,
-                    rec.msg_type,
-                    engine_id,
-                    "EngineError",
-                    f"engine {engine_id} died while running task {msg_id}: {reason}. "
-                    "The task did not finish; its result is lost.",
-                )
-            )
+        lost = list(eng.outstanding)
         eng.outstanding.clear()
+        for msg_id in lost:
+            job = self.pending.get(msg_id)
+            if job is None:
+                continue
+            eng.failed += 1
+            if job.balanced and job.retries > 0:
+                job.retries -= 1
+                job.tried.add(engine_id)
+                self._requeue(job)
+                continue
+            hint = (" Set retries=1 (or more) on a load-balanced view to rerun such tasks "
+                    "elsewhere." if job.balanced else "")
+            self._fail(job, "EngineError",
+                       f"engine {engine_id} died while running task {msg_id}: {reason}. "
+                       f"The task did not finish; its result is lost.{hint}", out)
         out.append(C.DisconnectEngine(engine_id))
         out.append(
             C.NotifyClients(
                 "unregistration_notification", {"engine_id": engine_id, "reason": reason}
             )
         )
+        # tasks bound to this engine (targets, follow) may now have nowhere to go
+        self._revisit_ready(out)
+        self._revisit_waiting(out)
+        self._schedule(out)
         return out
 
     # ------------------------------------------------------------------ clients
@@ -199,58 +241,314 @@ class ControllerState:
         self.clients.pop(ev.ident, None)
         return []
 
-    # ------------------------------------------------------------------ tasks
+    # ------------------------------------------------------------------ tasks in
     def _on_TaskSubmitted(self, ev: E.TaskSubmitted) -> list[C.Command]:
         self.clients.setdefault(ev.client_ident, ev.now)
-        rec = TaskRecord(ev.msg_id, ev.msg_type, ev.client_ident, ev.engine_id, ev.now, ev.label)
+        balanced = ev.engine_id is None
+        rec = TaskRecord(ev.msg_id, ev.msg_type, ev.client_ident, ev.engine_id, ev.now, ev.label,
+                         queue="task" if balanced else "mux", submitted_date=ev.date)
         self.db.add(rec)
-        eng = self.engines.get(ev.engine_id) if ev.engine_id is not None else None
-        if eng is None or not eng.alive:
-            rec.status = "error"
-            if ev.engine_id is None:
-                why = "no engine was named (load-balanced tasks are not supported here)"
-            elif eng is None:
-                why = f"there is no engine {ev.engine_id}; known engines: {self.live_ids()}"
+        if ev.resubmit_of is not None:
+            old = self.db.get(ev.resubmit_of)
+            if old is not None:
+                old.resubmitted = ev.msg_id
+        job = Job(rec, ev.frames, _nbytes(ev.frames), retries=max(0, int(ev.retries or 0)))
+        self.pending[ev.msg_id] = job
+        out: list[C.Command] = []
+        if not balanced:
+            eng = self.engines.get(ev.engine_id)  # type: ignore[arg-type]
+            if eng is None or not eng.alive:
+                if eng is None:
+                    why = f"there is no engine {ev.engine_id}; known engines: {self.live_ids()}"
+                else:
+                    why = f"engine {ev.engine_id} is dead ({eng.lost_reason})"
+                self._fail(job, "EngineError", f"task {ev.msg_id} was not run: {why}", out)
+                return out
+            self._dispatch(job, eng, out)
+            return out
+        job.after, job.follow = ev.after, ev.follow
+        job.targets = frozenset(ev.targets) if ev.targets is not None else None
+        job.placement = ev.placement
+        if ev.timeout is not None and ev.timeout > 0:
+            job.timeout = ev.timeout
+            job.deadline = ev.now + ev.timeout
+        deps = _dep_ids(job)
+        if ev.msg_id in deps:
+            self._fail(job, "InvalidDependency", f"task {ev.msg_id} depends on itself", out)
+            return out
+        unknown = sorted(m for m in deps if m not in self.pending and m not in self.db)
+        if unknown:
+            self._fail(job, "InvalidDependency",
+                       f"task {ev.msg_id} depends on tasks the controller has no record of: "
+                       f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}. They may have "
+                       "been purged (purge_results), or belong to another cluster.", out)
+            return out
+        self._consider(job, out)
+        self._schedule(out)
+        return out
+
+    # ------------------------------------------------------------------ placement
+    def _outcome(self, msg_id: str) -> str:
+        if msg_id in self.pending:
+            return "pending"
+        rec = self.db.get(msg_id)
+        if rec is None:
+            return "failed"  # purged while we waited: treat as not succeeded
+        return "ok" if rec.status == "ok" else "failed"
+
+    def _engine_of(self, msg_id: str) -> Any:
+        rec = self.db.get(msg_id)
+        return None if rec is None else rec.engine_id
+
+    def _consider(self, job: Job, out: list) -> None:
+        """Check a balanced job's dependencies and candidates: queue it, park it or fail it."""
+        verdicts = []
+        if job.after is not None:
+            verdicts.append(("after", job.after.evaluate(self._outcome)))
+        follow_engines = None
+        if job.follow is not None:
+            verdict, follow_engines = job.follow.follow_engines(self._outcome, self._engine_of)
+            verdicts.append(("follow", verdict))
+        for kind, verdict in verdicts:
+            if verdict == UNREACHABLE:
+                spec = job.after if kind == "after" else job.follow
+                self._fail(job, "ImpossibleDependency", _unreachable_text(job, kind, spec), out)
+                return
+        if any(v == WAITING for _, v in verdicts):
+            self._park(job)
+            return
+        fits, why = self._candidates(job, follow_engines)
+        if fits:
+            job.phase = READY
+            self.waiting.pop(job.msg_id, None)
+            self.ready.append(job)
+            return
+        if why is None or job.deadline is not None:
+            self._park(job)  # no engine yet, or a timeout to wait for one that fits
+            return
+        self._fail(job, "ImpossibleDependency", f"task {job.msg_id} cannot run: {why}", out)
+
+    def _candidates(self, job: Job, follow_engines: set | None = None
+                    ) -> tuple[list[EngineState], str | None]:
+        """Live engines this job may run on; else ``([], why)`` (``why`` None: no engines)."""
+        live = [e for e in self.engines.values() if e.alive]
+        if not live:
+            return [], None
+        fits = live
+        if job.targets is not None:
+            fits = [e for e in fits if e.engine_id in job.targets]
+            if not fits:
+                return [], (f"none of its target engines {sorted(job.targets)} is alive "
+                            f"(live engines: {self.live_ids()})")
+        if job.follow is not None:
+            if follow_engines is None:
+                follow_engines = job.follow.locations(self._outcome, self._engine_of)
+            fits = [e for e in fits if e.engine_id in follow_engines]
+            if not fits:
+                return [], (f"it must follow tasks that ran on engine(s) "
+                            f"{sorted(x for x in follow_engines if x is not None)}, which are "
+                            "gone or not among its targets")
+        if job.placement is not None:
+            fits = [e for e in fits if _satisfies(job.placement, e.properties)]
+            if not fits:
+                return [], ("no live engine's properties satisfy its placement predicate "
+                            "(set a timeout to wait for one, or check view.get_properties())")
+        if job.blacklist:
+            fits = [e for e in fits if e.engine_id not in job.blacklist]
+            if not fits:
+                return [], (f"it raised UnmetDependency on every engine that could run it "
+                            f"({sorted(job.blacklist)})")
+        return fits, None
+
+    def _park(self, job: Job) -> None:
+        job.phase = PHASE_WAITING
+        self.waiting[job.msg_id] = job
+        for dep in _dep_ids(job):
+            if dep in self.pending:
+                self._dependents.setdefault(dep, set()).add(job.msg_id)
+        if job.deadline is not None and not job.timed:
+            job.timed = True
+            heapq.heappush(self._deadlines, (job.deadline, job.msg_id))
+
+    def _requeue(self, job: Job) -> None:
+        """Back to the front of the queue (a retry or an UnmetDependency)."""
+        job.phase = READY
+        job.rec.engine_id = None
+        self.ready.appendleft(job)
+
+    def _has_room(self, eng: EngineState) -> bool:
+        return self.hwm == 0 or len(eng.outstanding) < self.hwm
+
+    def _schedule(self, out: list) -> None:
+        """Dispatch ready jobs, oldest first, while engines have room."""
+        if not self.ready:
+            return
+        kept: list[Job] = []
+        while self.ready:
+            roomy = [e for e in self.engines.values() if e.alive and self._has_room(e)]
+            if not roomy:
+                break
+            job = self.ready.popleft()
+            if self.pending.get(job.msg_id) is not job:
+                continue  # finished meanwhile (aborted)
+            if job.constrained:
+                fits, why = self._candidates(job)
+                if not fits:
+                    if why is None or job.deadline is not None:
+                        self._park(job)
+                    else:
+                        self._fail(job, "ImpossibleDependency",
+                                   f"task {job.msg_id} cannot run: {why}", out)
+                    continue
+                fit_ids = {e.engine_id for e in fits}
+                choices = [e for e in roomy if e.engine_id in fit_ids]
+                if not choices:
+                    kept.append(job)
+                    continue
             else:
-                why = f"engine {ev.engine_id} is dead ({eng.lost_reason})"
-            return [
-                C.FailTask(ev.client_ident, ev.msg_id, ev.msg_type, ev.engine_id,
-                           "EngineError", f"task {ev.msg_id} was not run: {why}")
-            ]
-        self.pending[ev.msg_id] = rec
-        eng.outstanding[ev.msg_id] = None
-        return [C.DispatchTask(eng.engine_id, ev.msg_id, ev.client_ident, ev.frames)]
+                choices = roomy
+            if job.tried:
+                fresh = [e for e in choices if e.engine_id not in job.tried]
+                choices = fresh or choices
+            slots = [Slot(e.engine_id, len(e.outstanding), e.last_used) for e in choices]
+            pick = self.scheme(slots, self.rng)
+            self._dispatch(job, self.engines[pick.engine_id], out)
+        if kept:
+            self.ready.extendleft(reversed(kept))
+
+    def _dispatch(self, job: Job, eng: EngineState, out: list) -> None:
+        job.phase = RUNNING
+        job.attempts += 1
+        job.rec.engine_id = eng.engine_id
+        job.rec.engine_uuid = eng.uuid
+        eng.outstanding[job.msg_id] = job.rec.queue
+        self._dispatches += 1
+        eng.last_used = self._dispatches
+        out.append(C.DispatchTask(eng.engine_id, job.msg_id, job.rec.client_ident, job.frames))
+
+    def _revisit_waiting(self, out: list) -> None:
+        """Reconsider parked jobs (engines or properties changed)."""
+        for job in list(self.waiting.values()):
+            if self.waiting.get(job.msg_id) is job:
+                del self.waiting[job.msg_id]
+                self._consider(job, out)
+
+    def _revisit_ready(self, out: list) -> None:
+        """Fail or park queued jobs that lost every engine they could run on."""
+        if not any(j.constrained for j in self.ready):
+            return
+        queued, self.ready = self.ready, deque()
+        for job in queued:
+            if job.constrained and self.pending.get(job.msg_id) is job:
+                self._consider(job, out)
+            else:
+                self.ready.append(job)
+
+    def _release_dependents(self, msg_id: str, out: list) -> None:
+        for dep_id in self._dependents.pop(msg_id, ()):
+            job = self.waiting.pop(dep_id, None)
+            if job is not None:
+                self._consider(job, out)
+
+    def _expire_deadlines(self, now: float, out: list) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, msg_id = heapq.heappop(self._deadlines)
+            job = self.waiting.pop(msg_id, None)
+            if job is None:
+                continue
+            self._fail(job, "DependencyTimeout",
+                       f"task {msg_id} waited {job.timeout:g} s for its dependencies (or "
+                       "for an engine that fits it) and timed out", out)
+        self._schedule(out)
+
+    def next_deadline(self) -> float | None:
+        """When the next waiting task times out (for the shell's timer), or None."""
+        while self._deadlines and self._deadlines[0][1] not in self.waiting:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # ------------------------------------------------------------------ tasks out
+    def _finish(self, job: Job, status: str, out: list) -> None:
+        """Book-keeping shared by every way a task ends."""
+        rec = job.rec
+        self.pending.pop(rec.msg_id, None)
+        self.waiting.pop(rec.msg_id, None)
+        rec.status = status
+        self.db.store_request(rec, job.frames, job.nbytes)
+        self.db.finish(rec)
+        self._release_dependents(rec.msg_id, out)
+
+    def _fail(self, job: Job, ename: str, evalue: str, out: list,
+              status: str = "error") -> None:
+        rec = job.rec
+        rec.ename, rec.evalue = ename, evalue
+        rec.received = self._now
+        out.append(C.FailTask(rec.client_ident, rec.msg_id, rec.msg_type, rec.engine_id,
+                              ename, evalue, status))
+        self._finish(job, status, out)
 
     def _on_ReplyArrived(self, ev: E.ReplyArrived) -> list[C.Command]:
-        rec = self.pending.pop(ev.msg_id, None)
-        if rec is None:
+        job = self.pending.get(ev.msg_id)
+        eng = self.engines.get(ev.engine_id)
+        if eng is not None and ev.properties is not None:
+            eng.info["properties"] = ev.properties
+        if job is None or eng is None or ev.msg_id not in eng.outstanding:
             # a reply for a task already failed (engine declared lost) or unknown: drop it
             return []
-        rec.status = ev.status
+        del eng.outstanding[ev.msg_id]
+        out: list[C.Command] = []
+        if job.balanced and ev.status == "error":
+            if ev.ename == UNMET:
+                job.blacklist.add(ev.engine_id)
+                self._requeue(job)
+                self._schedule(out)
+                return out
+            if job.retries > 0:
+                job.retries -= 1
+                job.tried.add(ev.engine_id)
+                eng.failed += 1
+                self._requeue(job)
+                self._schedule(out)
+                return out
+        rec = job.rec
         rec.started = ev.started
         rec.completed = ev.completed
         rec.received = ev.now
-        eng = self.engines.get(ev.engine_id)
-        if eng is not None:
-            eng.outstanding.pop(ev.msg_id, None)
-            if ev.status == "ok":
-                eng.completed += 1
-            else:
-                eng.failed += 1
+        if ev.engine_uuid:
+            rec.engine_uuid = ev.engine_uuid
+        if ev.status == "ok":
+            eng.completed += 1
+        else:
+            eng.failed += 1
+            rec.ename, rec.evalue = ev.ename, ev.evalue
         self.db.store_result(rec, ev.frames, ev.nbytes)
-        return [C.DeliverResult(rec.client_ident, ev.msg_id, ev.frames)]
+        out.append(C.DeliverResult(rec.client_ident, ev.msg_id, ev.frames))
+        self._finish(job, ev.status, out)
+        if ev.properties is not None:
+            self._revisit_waiting(out)
+        self._schedule(out)
+        return out
 
     def _on_AbortRequested(self, ev: E.AbortRequested) -> list[C.Command]:
-        targets = ev.targets if ev.targets is not None else self.live_ids()
         out: list[C.Command] = []
+        wanted = None if ev.msg_ids is None else set(ev.msg_ids)
+        if ev.targets is None:
+            # queued balanced work is answered "aborted" here; it never reaches an engine
+            for job in [*self.waiting.values(), *self.ready]:
+                if self.pending.get(job.msg_id) is job and job.phase != RUNNING and (
+                        wanted is None or job.msg_id in wanted):
+                    self._fail(job, "TaskAborted", f"task {job.msg_id} was aborted before it "
+                               "ran", out, status="aborted")
+            self.ready = deque(j for j in self.ready if self.pending.get(j.msg_id) is j)
+        targets = ev.targets if ev.targets is not None else self.live_ids()
         for engine_id in targets:
             eng = self.engines.get(engine_id)
             if eng is None or not eng.alive:
                 continue
-            if ev.msg_ids is None:
+            if wanted is None:
                 ids = list(eng.outstanding)
             else:
-                ids = [m for m in ev.msg_ids if m in eng.outstanding]
+                ids = [m for m in eng.outstanding if m in wanted]
             if ids:
                 out.append(C.SendControl(engine_id, "abort_request", {"msg_ids": ids}))
         return out
@@ -270,20 +568,27 @@ class ControllerState:
         return {str(i): e.public() for i, e in self.engines.items() if e.alive}
 
     def queue_status(self, targets: list[int] | None = None, verbose: bool = False) -> dict:
+        """Per engine: direct tasks queued (``queue``), balanced ones (``tasks``), finished.
+
+        ``unassigned``: balanced tasks not on any engine yet. ``verbose`` lists msg_ids.
+        """
         ids = targets if targets is not None else self.live_ids()
         out: dict[Any, Any] = {}
         for engine_id in ids:
             eng = self.engines.get(engine_id)
             if eng is None:
                 continue
-            queue: Any = list(eng.outstanding) if verbose else len(eng.outstanding)
-            completed: Any = eng.completed
+            mux = [m for m, q in eng.outstanding.items() if q == "mux"]
+            tasks = [m for m, q in eng.outstanding.items() if q == "task"]
             if verbose:
-                completed = [
-                    r.msg_id for r in self.db if r.engine_id == engine_id and r.done
-                ]
-            out[engine_id] = {"queue": queue, "completed": completed, "tasks": 0}
-        out["unassigned"] = 0
+                completed: Any = [r.msg_id for r in self.db
+                                  if r.engine_id == engine_id and r.done]
+                out[engine_id] = {"queue": mux, "completed": completed, "tasks": tasks}
+            else:
+                out[engine_id] = {"queue": len(mux), "completed": eng.completed,
+                                  "tasks": len(tasks)}
+        unassigned = [j.msg_id for j in self.ready] + list(self.waiting)
+        out["unassigned"] = unassigned if verbose else len(unassigned)
         return out
 
     def history(self) -> list[str]:
@@ -294,12 +599,54 @@ class ControllerState:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if bookkeeping disagrees (switched on in tests)."""
-        for msg_id, rec in self.pending.items():
-            assert rec.status == PENDING, (msg_id, rec.status)
-            assert rec.engine_id in self.engines, msg_id
-            assert msg_id in self.engines[rec.engine_id].outstanding, msg_id
+        running = {}
         for eng in self.engines.values():
             for msg_id in eng.outstanding:
                 assert msg_id in self.pending, (eng.engine_id, msg_id)
+                running[msg_id] = eng.engine_id
             if not eng.alive:
                 assert not eng.outstanding, eng.engine_id
+        queued = {j.msg_id for j in self.ready}
+        for msg_id, job in self.pending.items():
+            assert job.rec.status == PENDING, (msg_id, job.rec.status)
+            where = [msg_id in running, msg_id in queued, msg_id in self.waiting]
+            assert sum(where) == 1, (msg_id, job.phase, where)
+            if job.phase == RUNNING:
+                assert running[msg_id] == job.rec.engine_id, msg_id
+        for job in self.ready:
+            assert self.pending.get(job.msg_id) is job, job.msg_id
+
+
+def _nbytes(frames: Any) -> int:
+    if not frames:
+        return 0
+    return sum(len(f) for f in frames[5:]) if len(frames) > 5 else 0
+
+
+def _dep_ids(job: Job) -> set:
+    ids: set = set()
+    for spec in (job.after, job.follow):
+        if spec is not None:
+            ids |= spec.ids
+    return ids
+
+
+def _satisfies(predicate: Any, properties: dict) -> bool:
+    """A placement predicate's verdict; one that raises counts as False."""
+    try:
+        return bool(predicate(dict(properties)))
+    except Exception:
+        return False
+
+
+def _unreachable_text(job: Job, kind: str, spec: Any) -> str:
+    accepted = " or ".join(w for w, on in (("succeeded", spec.success),
+                                           ("failed", spec.failure)) if on) or "ended"
+    need = "all" if spec.all else "any"
+    where = (" and on one engine" if kind == "follow" and spec.all else "")
+    return (f"task {job.msg_id} can never run: its {kind} dependency needs {need} of "
+            f"{len(spec.ids)} task(s) to have {accepted}{where}, and that can no longer "
+            "happen")
+
+
+__all__ = ["ControllerState", "EngineState", "describe_exit"]

@@ -288,6 +288,7 @@ class FarmEngineApp(IPKernelApp):
     def _make_link(self) -> None:
         properties = engine_properties()
         self.kernel.properties = properties
+        self.kernel._sent_properties = dict(properties)  # registration carries them
         registration = {
             "uuid": self.engine_uuid,
             "connection_info": {

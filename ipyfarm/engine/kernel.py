@@ -74,6 +74,7 @@ class FarmKernel(IPythonKernel):
         super().__init__(**kwargs)
         self.aborted: dict[str, None] = {}  # insertion-ordered set, bounded
         self.properties: dict[str, Any] = {}
+        self._sent_properties: dict[str, Any] = {}  # as the controller last heard them
         ops._bind(self)
 
     async def poll_stopped_queue(self) -> None:
@@ -124,6 +125,10 @@ class FarmKernel(IPythonKernel):
         metadata.update(captured.as_metadata())
         status = reply_content["status"]
         metadata["status"] = status
+        if self.properties != self._sent_properties:
+            # the scheduler places tasks on properties: tell it when they change
+            self._sent_properties = dict(self.properties)
+            metadata["properties"] = self._sent_properties
         metadata["completed"] = utcnow()
         if status == "error":
             metadata["error"] = {k: reply_content[k] for k in _ERROR_KEYS if k in reply_content}

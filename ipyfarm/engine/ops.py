@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["clear", "execute", "get_properties", "pull", "push"]
+__all__ = ["clear", "execute", "get_properties", "pull", "push", "set_properties"]
 
 _kernel: Any = None  # the FarmKernel of this process, set by FarmKernel.__init__
 
@@ -89,3 +89,21 @@ def get_properties() -> dict:
     from ipyfarm.engine.properties import engine_properties
 
     return engine_properties()
+
+
+def set_properties(props: dict) -> dict:
+    """Update this engine's properties (the scheduler hears of it with this reply)."""
+    import json
+
+    if not isinstance(props, dict) or not all(isinstance(k, str) for k in props):
+        raise TypeError("properties must be a dict with string keys")
+    try:
+        json.dumps(props)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"engine properties must be plain JSON data (numbers, strings, lists, dicts): {e}"
+        ) from None
+    if _kernel is None:
+        raise RuntimeError("set_properties runs on an ipyfarm engine; call view.set_properties")
+    _kernel.properties.update(props)
+    return dict(_kernel.properties)

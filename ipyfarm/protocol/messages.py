@@ -9,7 +9,11 @@ Who talks to whom (all Jupyter-format, signed with the cluster key)::
     controller SUB ◄── engine XPUB iopub               outputs, relayed to the owning client
 
 Task requests (``execute_request``, ``apply_request``) carry routing in their
-*metadata*: ``engine_id`` (int) for a direct task. The controller reads the
+*metadata*: ``engine_id`` (int) for a direct task; ``null`` for a load-balanced one,
+which may add ``after`` / ``follow`` (a list of msg_ids, or ``{"ids", "all",
+"success", "failure"}``), ``timeout`` (s), ``targets`` (engine ids), ``retries``,
+``label`` and ``placement`` (a base64 cloudpickle of a predicate on an engine's
+properties: the one user object the controller unpickles). The controller reads the
 header and metadata, never the buffers, and forwards the frames unchanged.
 
 :func:`validate` checks a decoded content dict against its schema; the
@@ -68,6 +72,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "history_reply": {"history": (list,)},
     "purge_request": {"msg_ids": (list, str), "engine_ids": (list,)},
     "purge_reply": {"status": (str,)},
+    "resubmit_request": {"msg_ids": _ids},
+    "resubmit_reply": {"status": (str,)},
+    "db_request": {"query": (dict,)},
+    "db_reply": {"status": (str,)},
     "hub_abort_request": {"msg_ids": (list, type(None)), "targets": (list, type(None))},
     "hub_abort_reply": {"status": (str,)},
     "hub_clear_request": {"targets": (list, type(None))},

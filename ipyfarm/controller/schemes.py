@@ -1,0 +1,73 @@
+"""Load-balancing schemes: pure functions that pick one engine for a task.
+
+Each takes the candidate engines that have room for another task (never empty) and
+a ``random.Random``; it returns one of them. A candidate is a :class:`Slot`:
+``load`` is the engine's outstanding task count, ``last_used`` how many dispatches
+ago it got work (a counter, not a clock), ``engine_id`` breaks ties.
+
+==============  ====================================================================
+``leastload``   fewest outstanding tasks; among equals, the least recently used
+``lru``         the engine that got work longest ago (round robin, blind to run time)
+``plainrandom`` uniformly at random
+``twobin``      two engines at random, then the least recently used of the two
+``weighted``    two engines drawn with weights 1/(1 + load), then the less loaded one
+==============  ====================================================================
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, NamedTuple, Sequence
+
+__all__ = ["SCHEMES", "Slot", "get_scheme"]
+
+
+class Slot(NamedTuple):
+    engine_id: int
+    load: int
+    last_used: int
+
+
+def leastload(slots: Sequence[Slot], rng: random.Random) -> Slot:
+    return min(slots, key=lambda s: (s.load, s.last_used, s.engine_id))
+
+
+def lru(slots: Sequence[Slot], rng: random.Random) -> Slot:
+    return min(slots, key=lambda s: (s.last_used, s.engine_id))
+
+
+def plainrandom(slots: Sequence[Slot], rng: random.Random) -> Slot:
+    return slots[rng.randrange(len(slots))]
+
+
+def twobin(slots: Sequence[Slot], rng: random.Random) -> Slot:
+    if len(slots) == 1:
+        return slots[0]
+    a, b = rng.sample(range(len(slots)), 2)
+    return lru([slots[a], slots[b]], rng)
+
+
+def weighted(slots: Sequence[Slot], rng: random.Random) -> Slot:
+    if len(slots) == 1:
+        return slots[0]
+    weights = [1.0 / (1 + s.load) for s in slots]
+    a, b = rng.choices(range(len(slots)), weights=weights, k=2)
+    return leastload([slots[a], slots[b]], rng)
+
+
+SCHEMES: dict[str, Callable[[Sequence[Slot], random.Random], Slot]] = {
+    "leastload": leastload,
+    "lru": lru,
+    "plainrandom": plainrandom,
+    "twobin": twobin,
+    "weighted": weighted,
+}
+
+
+def get_scheme(name: str) -> Callable[[Sequence[Slot], random.Random], Slot]:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scheduling scheme {name!r}; choose one of {', '.join(SCHEMES)}"
+        ) from None
