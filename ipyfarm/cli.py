@@ -14,18 +14,31 @@ from . import paths
 
 __all__ = ["main"]
 
+DB_KINDS = ("memory", "sqlite")
+SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted")
+
 
 def _cmd_controller(args: argparse.Namespace) -> int:
     from .controller.app import run_standalone
 
-    return run_standalone(n=args.n, profile=args.profile, ip=args.ip, log_level=args.log_level)
+    return run_standalone(n=args.n, profile=args.profile, ip=args.ip, log_level=args.log_level,
+                          db=args.db, db_file=args.db_file, scheme=args.scheme, hwm=args.hwm)
+
+
+def _controller_argv(args: argparse.Namespace) -> list[str]:
+    """The ``ipyfarm controller`` command line that ``start --daemonize`` runs."""
+    cmd = [sys.executable, "-m", "ipyfarm", "controller", "-n", str(args.n),
+           "--profile", args.profile, "--ip", args.ip, "--log-level", args.log_level,
+           "--db", args.db, "--scheme", args.scheme, "--hwm", str(args.hwm)]
+    if args.db_file is not None:
+        cmd += ["--db-file", os.path.abspath(args.db_file)]
+    return cmd
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
     if not args.daemonize:
         return _cmd_controller(args)
-    cmd = [sys.executable, "-m", "ipyfarm", "controller", "-n", str(args.n),
-           "--profile", args.profile, "--ip", args.ip, "--log-level", args.log_level]
+    cmd = _controller_argv(args)
     log_file = paths.runtime_dir() / f"ipyfarm-{args.profile}.log"
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -165,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ip", default="127.0.0.1", help="address to listen on")
         sp.add_argument("--log-level", default="WARNING")
         sp.add_argument("--timeout", type=float, default=60.0)
+        sp.add_argument("--db", choices=DB_KINDS, default="memory",
+                        help="where task records live: in memory (default) or in SQLite at "
+                        "<jupyter runtime dir>/ipyfarm-<profile>.sqlite")
+        sp.add_argument("--db-file", default=None, metavar="PATH",
+                        help="the SQLite file of task records (implies --db sqlite)")
+        sp.add_argument("--scheme", choices=SCHEMES, default="leastload",
+                        help="how load-balanced tasks pick an engine (default leastload)")
+        sp.add_argument("--hwm", type=int, default=1, metavar="N",
+                        help="load-balanced tasks an engine may hold at once (default 1)")
 
     sp = sub.add_parser("start", help="start a controller and n engines")
     cluster_opts(sp, os.cpu_count() or 1)

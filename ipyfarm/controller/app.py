@@ -1,34 +1,84 @@
 """A standalone controller process: the hub in the main thread, plus local engines.
 
 ``ipyfarm start -n 4`` runs :func:`run_standalone`; SIGTERM or SIGINT (or a
-client's ``shutdown(hub=True)``) stops its engines, removes the connection file
-and exits.
+client's ``shutdown(hub=True)``) stops its engines, closes (flushes) the task
+database, removes the connection file and exits.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from .. import paths
+from ..error import IPyFarmError
 from ..cluster.launcher import LocalEngineLauncher
 from . import events as E
+from .db import MemoryTaskDB
 from .hub import Hub
+from .sqlitedb import SQLiteTaskDB
+from .state import ControllerState
 
 log = logging.getLogger("ipyfarm.controller")
 
 
+DB_KINDS = ("memory", "sqlite")
+DEFAULT_SCHEME = "leastload"
+DEFAULT_HWM = 1
+
+
+def db_path(profile: str = "default") -> Path:
+    """Where ``--db sqlite`` keeps the task database of ``profile``."""
+    return paths.runtime_dir() / f"ipyfarm-{profile}.sqlite"
+
+
+def open_db(kind: str = "memory", profile: str = "default",
+            db_file: str | os.PathLike | None = None) -> MemoryTaskDB | SQLiteTaskDB:
+    """The task database named by ``--db`` / ``--db-file``."""
+    offset = time.time() - time.monotonic()
+    if kind == "memory" and db_file is None:
+        return MemoryTaskDB(clock_offset=offset)
+    if kind not in DB_KINDS:
+        raise ValueError(f"unknown task database kind {kind!r}; choose one of {DB_KINDS}")
+    return SQLiteTaskDB(db_file if db_file is not None else db_path(profile),
+                        clock_offset=offset)
+
+
+def make_state(heartbeat_period: float, heartbeat_timeout: float, db: Any,
+               scheme: str = DEFAULT_SCHEME, hwm: int = DEFAULT_HWM) -> ControllerState:
+    """A ControllerState with ``scheme``/``hwm`` where this build's state accepts them.
+
+    The signature check lets this run before and after ControllerState gains its
+    ``scheme``/``hwm`` parameters; once they have landed it can pass them directly.
+    """
+    accepted = inspect.signature(ControllerState).parameters
+    extra: dict[str, Any] = {}
+    for name, value, default in (("scheme", scheme, DEFAULT_SCHEME), ("hwm", hwm, DEFAULT_HWM)):
+        if name in accepted:
+            extra[name] = value
+        elif value != default:
+            raise ValueError(
+                f"--{name} {value} was given but this controller's state machine has no "
+                f"{name!r} option yet; leave --{name} at its default ({default})"
+            )
+    return ControllerState(heartbeat_period, heartbeat_timeout, db=db, **extra)
+
+
 def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
                    log_level: str = "WARNING", heartbeat_period: float = 1.0,
-                   heartbeat_timeout: float = 10.0) -> int:
+                   heartbeat_timeout: float = 10.0, db: str = "memory",
+                   db_file: str | None = None, scheme: str = DEFAULT_SCHEME,
+                   hwm: int = DEFAULT_HWM) -> int:
     """Serve until stopped; returns the process exit status."""
     logging.basicConfig(level=log_level, format="[ipyfarm %(levelname)s] %(message)s")
-    hub = Hub(ip=ip, heartbeat_period=heartbeat_period, heartbeat_timeout=heartbeat_timeout)
     file = paths.cluster_file(profile)
     if file.exists():
         old = paths.read_json(file)
@@ -36,6 +86,32 @@ def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
             print(f"ipyfarm: a cluster of profile {profile!r} already runs (pid {old['pid']}). "
                   f"Stop it first with `ipyfarm stop --profile {profile}`.", file=sys.stderr)
             return 1
+    try:
+        task_db = open_db(db, profile, db_file)
+    except (OSError, ValueError, IPyFarmError) as e:
+        print(f"ipyfarm: cannot open the task database: {e}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            state = make_state(heartbeat_period, heartbeat_timeout, task_db, scheme, hwm)
+        except ValueError as e:
+            print(f"ipyfarm: {e}", file=sys.stderr)
+            return 1
+        hub = Hub(ip=ip, heartbeat_period=heartbeat_period,
+                  heartbeat_timeout=heartbeat_timeout, state=state)
+        return _serve(hub, n, profile, file, log_level)
+    finally:
+        task_db_close(task_db)
+
+
+def task_db_close(db: Any) -> None:
+    """Flush and close a persistent task database (the memory one has nothing to do)."""
+    close = getattr(db, "close", None)
+    if close is not None:
+        close()
+
+
+def _serve(hub: Hub, n: int, profile: str, file: Path, log_level: str) -> int:
     info = hub.connection_info()
     info.update(profile=profile, embedded=False, n=n,
                 created=datetime.now(timezone.utc).isoformat())

@@ -1,9 +1,14 @@
-"""Task records, kept in memory with a cap on count and on stored result bytes.
+"""Task records, kept in memory with a cap on count and on stored payload bytes.
 
-Results are stored only while they fit: a single result over ``max_result_bytes``
-is never kept, and the oldest stored payloads are released once the total passes
+Payloads (a task's result, and a finished task's request kept for resubmit) are
+stored only while they fit: a single payload over ``max_result_bytes`` is never
+kept, and the oldest stored payloads are released once the total passes
 ``max_total_bytes``. Their records stay (status, times, engine); a later
-``get_result`` of a released payload says so instead of hanging.
+``get_result`` of a released result says so instead of hanging.
+
+The state machine uses a DB through: ``add``, ``get``, ``in``, ``len``, iteration
+(oldest first), ``store_result``, ``store_request``, ``finish``, ``purge`` and
+``query``. :class:`~.sqlitedb.SQLiteTaskDB` offers the same on disk.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+from .query import select
 
 PENDING = "pending"
 DONE_STATES = frozenset({"ok", "error", "aborted"})
@@ -45,20 +52,43 @@ class TaskRecord:
         return self.status in DONE_STATES
 
 
+RESULT = "result"
+REQUEST = "request"
+
+
+def _set_payload(rec: TaskRecord, kind: str, frames: Any, released: bool = False) -> None:
+    """Hold ``frames`` as the record's result or request (``released``: dropped for space)."""
+    if kind == RESULT:
+        rec.result_frames = frames
+        rec.released = released
+    else:
+        rec.request_frames = frames
+
+
 class MemoryTaskDB:
-    """Ordered records (oldest first) with memory bounds."""
+    """Ordered records (oldest first) with memory bounds.
+
+    Result and request payloads share one byte budget: each is kept only if it
+    is at most ``max_result_bytes``, and the oldest kept payloads (of either
+    kind) are released once their total passes ``max_total_bytes``.
+    ``clock_offset`` (wall clock minus monotonic clock) lets :meth:`query`
+    report ``received`` as a datetime; without it ``received`` is None.
+    """
 
     def __init__(
         self,
         max_records: int = 200_000,
         max_total_bytes: int = 32 * 2**20,
         max_result_bytes: int = 8 * 2**20,
+        clock_offset: float | None = None,
     ):
         self.max_records = max_records
         self.max_total_bytes = max_total_bytes
         self.max_result_bytes = max_result_bytes
+        self.clock_offset = clock_offset
         self._records: OrderedDict[str, TaskRecord] = OrderedDict()
-        self._stored: OrderedDict[str, int] = OrderedDict()  # msg_id -> nbytes held
+        # (msg_id, RESULT | REQUEST) -> nbytes held, oldest first
+        self._stored: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.stored_bytes = 0
 
     def __len__(self) -> int:
@@ -79,35 +109,53 @@ class MemoryTaskDB:
             self._evict_oldest_done(len(self._records) - self.max_records)
 
     def store_result(self, rec: TaskRecord, frames: Any, nbytes: int) -> None:
+        """Keep a reply's frames while they fit the budget; else mark it released."""
         rec.result_nbytes = nbytes
-        if nbytes > self.max_result_bytes:
-            rec.released = True
-            return
-        rec.result_frames = frames
-        self._stored[rec.msg_id] = nbytes
-        self.stored_bytes += nbytes
-        while self.stored_bytes > self.max_total_bytes and self._stored:
-            old_id, old_n = self._stored.popitem(last=False)
-            self.stored_bytes -= old_n
-            old = self._records.get(old_id)
-            if old is not None:
-                old.result_frames = None
-                old.released = True
+        self._keep(rec, RESULT, frames, nbytes)
 
     def store_request(self, rec: TaskRecord, frames: Any, nbytes: int) -> None:
         """Keep a finished task's request for ``resubmit`` (same byte budget as results)."""
+        rec.request_nbytes = nbytes
+        self._keep(rec, REQUEST, frames, nbytes)
 
     def finish(self, rec: TaskRecord) -> None:
-        """Called once when ``rec`` reaches a done state (a persistent DB writes it then)."""
+        """Called when ``rec`` reaches a done state (a persistent DB writes it then).
 
-    def _release(self, msg_id: str) -> None:
-        n = self._stored.pop(msg_id, None)
+        Call it again after changing a finished record (``resubmitted``): a
+        persistent DB hands out copies of finished records and rewrites the row.
+        """
+
+    def query(self, query: dict, keys: list[str] | None = None) -> list[dict]:
+        """Records matching ``query`` (see :mod:`.query`), oldest first, as dicts of ``keys``."""
+        return select(self._records.values(), query, keys, self.clock_offset)
+
+    # ------------------------------------------------------------------ payload budget
+    def _keep(self, rec: TaskRecord, kind: str, frames: Any, nbytes: int) -> None:
+        self._drop((rec.msg_id, kind))
+        if nbytes > self.max_result_bytes:
+            _set_payload(rec, kind, None, released=True)
+            return
+        _set_payload(rec, kind, frames)
+        self._stored[(rec.msg_id, kind)] = nbytes
+        self.stored_bytes += nbytes
+        while self.stored_bytes > self.max_total_bytes and self._stored:
+            (old_id, old_kind), old_n = self._stored.popitem(last=False)
+            self.stored_bytes -= old_n
+            old = self._records.get(old_id)
+            if old is None and old_id == rec.msg_id:
+                old = rec
+            if old is not None:
+                _set_payload(old, old_kind, None, released=True)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        n = self._stored.pop(key, None)
         if n is not None:
             self.stored_bytes -= n
 
     def remove(self, msg_id: str) -> None:
         if self._records.pop(msg_id, None) is not None:
-            self._release(msg_id)
+            self._drop((msg_id, RESULT))
+            self._drop((msg_id, REQUEST))
 
     def _evict_oldest_done(self, count: int) -> None:
         victims = []
