@@ -259,6 +259,9 @@ class Hub:
                     self._execute(self.state.handle(E.TimerFired(now)))
                 if now >= next_timer:
                     self._expire_control(now)
+                    flush = getattr(self.state.db, "flush", None)
+                    if flush is not None:  # a persistent DB writes what waits
+                        flush()
                     next_timer = now + timer_every
         finally:
             self._close()

@@ -252,6 +252,7 @@ class ControllerState:
             old = self.db.get(ev.resubmit_of)
             if old is not None:
                 old.resubmitted = ev.msg_id
+                self.db.finish(old)  # a persistent DB writes the link
         job = Job(rec, ev.frames, _nbytes(ev.frames), retries=max(0, int(ev.retries or 0)))
         self.pending[ev.msg_id] = job
         out: list[C.Command] = []

@@ -168,18 +168,19 @@ def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
 def bind_interactive(f: Any, namespace: dict) -> Any:
     """Functions defined interactively see the engine's namespace.
 
-    "Interactively" means in ``__main__`` (a notebook, a script) or in a module
-    the engine has not imported (a test file, say): such a function arrives by
-    value, and its global names resolve in the engine's namespace. Globals it
-    captured on the client that the engine lacks are added to it, as if pushed.
-    Functions of modules the engine has imported keep their module's globals.
+    "Interactively" means in ``__main__`` (a notebook, a script), or anywhere
+    cloudpickle had to send the function by value (a lambda, a nested function, a
+    module the engine lacks): its global names resolve in the engine's namespace.
+    Globals it captured on the client that the engine lacks are added to it, as if
+    pushed. Functions of importable modules keep their module's globals.
     """
     import sys
     import types
 
     if not isinstance(f, types.FunctionType):
         return f
-    if f.__module__ != "__main__" and f.__module__ in sys.modules:
+    module = sys.modules.get(f.__module__)
+    if f.__module__ != "__main__" and module is not None and f.__globals__ is vars(module):
         return f
     if f.__globals__ is namespace:
         return f
