@@ -20,6 +20,11 @@ from .client.remotefunction import ParallelFunction as ParallelFunction
 from .client.remotefunction import RemoteFunction as RemoteFunction
 from .client.remotefunction import parallel as parallel
 from .client.remotefunction import remote as remote
+from .client.taskclient import MapTask as MapTask
+from .client.taskclient import StringTask as StringTask
+from .client.taskclient import Task as Task
+from .client.taskclient import TaskClient as TaskClient
+from .client.taskclient import TaskResult as TaskResult
 from .client.view import DirectView as DirectView
 from .cluster.cluster import Cluster as Cluster
 from .error import CompositeError as CompositeError
@@ -40,10 +45,15 @@ __all__ = [
     "Dependency",
     "DirectView",
     "LoadBalancedView",
+    "MapTask",
     "ParallelFunction",
     "Reference",
     "RemoteError",
     "RemoteFunction",
+    "StringTask",
+    "Task",
+    "TaskClient",
+    "TaskResult",
     "error",
     "depend",
     "dependent",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["clear", "execute", "get_properties", "pull", "push", "set_properties"]
+__all__ = ["clear", "execute", "get_properties", "pull", "push", "run_function", "run_task",
+           "set_properties"]
 
 _kernel: Any = None  # the FarmKernel of this process, set by FarmKernel.__init__
 
@@ -107,3 +108,42 @@ def set_properties(props: dict) -> dict:
         raise RuntimeError("set_properties runs on an ipyfarm engine; call view.set_properties")
     _kernel.properties.update(props)
     return dict(_kernel.properties)
+
+
+def run_task(code: str, push_ns: dict | None = None, pull_names: str | list | tuple | None = None,
+             clear_before: bool = False, clear_after: bool = False) -> dict:
+    """A TaskClient ``Task`` on this engine: ``{name: value}`` of ``pull_names``.
+
+    Optionally empties the namespace first, pushes ``push_ns``, runs ``code`` (IPython
+    syntax allowed: magics, ``!shell``) in the user namespace, pulls, and empties the
+    namespace afterwards (also when the code raised). Errors propagate: the task fails.
+    """
+    shell = _shell()
+    if clear_before:
+        clear()
+    try:
+        if push_ns:
+            push(push_ns)
+        source = shell.transform_cell(code)
+        code_obj = compile(source, "<ipyfarm task>", "exec")
+        exec(code_obj, shell.user_global_ns, shell.user_ns)  # noqa: S102
+        if pull_names is None:
+            return {}
+        names = [pull_names] if isinstance(pull_names, str) else list(pull_names)
+        return dict(zip(names, pull(names), strict=True))
+    finally:
+        if clear_after:
+            clear()
+
+
+def run_function(f: Any, args: tuple | list = (), kwargs: dict | None = None,
+                 clear_before: bool = False, clear_after: bool = False) -> Any:
+    """A TaskClient ``MapTask`` on this engine: ``f(*args, **kwargs)``, with the same
+    namespace clearing as :func:`run_task`."""
+    if clear_before:
+        clear()
+    try:
+        return f(*args, **(kwargs or {}))
+    finally:
+        if clear_after:
+            clear()
