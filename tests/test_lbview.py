@@ -334,3 +334,28 @@ def test_db_query_by_label_and_status(rc, lview):
                        keys=["msg_id"]) == [{"msg_id": ok.msg_ids[0]}]
     with pytest.raises(ValueError, match=r"\$regex"):
         rc.db_query({"label": {"$regex": "x"}})
+
+
+def test_db_query_by_time_range(rc, lview):
+    from datetime import datetime, timedelta, timezone
+
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    with lview.temp_flags(label="dbq-time"):
+        lview.apply_async(lambda: 1).get(10)
+    recent = rc.db_query({"submitted": {"$gte": before}, "label": "dbq-time"},
+                         keys=["msg_id", "received", "completed"])
+    assert len(recent) == 1
+    assert recent[0]["received"] >= recent[0]["completed"] >= before
+    naive_future = datetime.now() + timedelta(hours=1)  # naive means local time
+    assert rc.db_query({"submitted": {"$gte": naive_future}}, keys=["msg_id"]) == []
+
+
+def test_aborted_task_error_has_remote_fields(rc, lview):
+    busy = [lview.apply_async(slow, 0.5) for _ in rc.ids]
+    queued = lview.apply_async(lambda: 1)
+    queued.abort()
+    with pytest.raises(error.TaskAborted) as info:
+        queued.get(5)
+    assert info.value.ename == "TaskAborted" and isinstance(info.value, error.RemoteError)
+    for b in busy:
+        b.get(10)

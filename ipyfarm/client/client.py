@@ -13,6 +13,7 @@ import signal as _signal
 import threading
 import time
 from concurrent.futures import Future
+from datetime import datetime
 from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,17 @@ def find_connection_info(url_file: str | Path | None = None,
         raise error.NoClusterError(_no_cluster_message(
             f"no embedded controller in this process, no running cluster in {paths.runtime_dir()}"))
     return found[0][1]
+
+
+def _aware_dates(value: Any) -> Any:
+    """Naive datetimes in a query mean local time: say so before they become JSON."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.astimezone()
+    if isinstance(value, dict):
+        return {k: _aware_dates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_aware_dates(v) for v in value]
+    return value
 
 
 class Client:
@@ -324,7 +336,9 @@ class Client:
             else:
                 result = ExecuteReply(msg_id, content, md)
         elif status == "aborted":
-            result = error.TaskAborted(f"task {msg_id} was aborted before it ran")
+            result = error.wrap_exception({
+                "ename": "TaskAborted", "evalue": f"task {msg_id} was aborted before it ran",
+                "engine_info": {"engine_id": md["engine_id"]}})
         else:
             result = error.wrap_exception(content)
         with self._lock:
@@ -503,7 +517,7 @@ class Client:
         ``$lte``, ``$gte``, ``$eq``, ``$ne``, ``$in``, ``$nin``, ``$glob``)."""
         if not isinstance(query, dict):
             raise TypeError(f"query must be a dict, not {type(query).__name__}")
-        reply = self._hub_request("db_request", {"query": query, "keys": keys})
+        reply = self._hub_request("db_request", {"query": _aware_dates(query), "keys": keys})
         if reply.get("status") != "ok":
             exc = {"KeyError": KeyError, "TypeError": TypeError}.get(reply.get("ename", ""),
                                                                       ValueError)

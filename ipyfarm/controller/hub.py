@@ -31,6 +31,7 @@ from ..protocol.session import (
 )
 from . import commands as C
 from . import events as E
+from .db import MemoryTaskDB
 from .dependencies import DepSpec
 from .state import ControllerState
 
@@ -122,7 +123,18 @@ def task_fields(md: Any) -> dict:
 
 
 def _nbytes(frames: list) -> int:
-    return sum(len(f) for f in frames[5:])
+    return sum(len(f) for f in frames)
+
+
+def compact(frames: list) -> list:
+    """Copies of the small frames of a message the controller will hold on to.
+
+    libzmq decodes small messages in place in its receive buffer, so one small
+    ``zmq.Frame`` kept alive pins that whole buffer (kilobytes): holding thousands of
+    queued tasks or stored results as Frames costs ~17 kB each. Big frames own their
+    memory and stay zero-copy.
+    """
+    return [f if isinstance(f, bytes) or len(f) >= _BIG else f.bytes for f in frames]
 
 
 class Hub:
@@ -143,6 +155,8 @@ class Hub:
         self.key = key if key is not None else secrets.token_hex(32).encode()
         self.ip = ip
         self.session = FarmSession(key=self.key, username="ipyfarm-controller")
+        if db is None:  # wall clock minus monotonic: records can say when they arrived
+            db = MemoryTaskDB(clock_offset=time.time() - time.monotonic())
         self.state = state or ControllerState(heartbeat_period, heartbeat_timeout, db=db,
                                               scheme=scheme, hwm=hwm)
         self.context = context or zmq.Context.instance()
@@ -356,7 +370,7 @@ class Hub:
                                          f"{e}"))
             return
         date = header.get("date")
-        ev = E.TaskSubmitted(now, msg_id, ident, msg_type, frames=rest,
+        ev = E.TaskSubmitted(now, msg_id, ident, msg_type, frames=compact(rest),
                              date=date if isinstance(date, str) else None,
                              resubmit_of=resubmit_of, **fields)
         self._execute(self.state.handle(ev))
@@ -399,6 +413,7 @@ class Hub:
             self.dropped["malformed"] += 1
             return
         status = content.get("status", "error")
+        rest = compact(rest)
         ev = E.ReplyArrived(
             time.monotonic(), engine_id, msg_id, status, rest, _nbytes(rest),
             md.get("started"), md.get("completed"), idents[0] if idents else None,

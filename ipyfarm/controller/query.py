@@ -105,8 +105,25 @@ def _check_key(key: Any) -> None:
         )
 
 
+_DATE_KEYS = frozenset({"submitted", "started", "completed", "received"})
+
+
+def _as_date(value: Any) -> Any:
+    """A query's date argument that came over JSON (an ISO string) as a datetime."""
+    if isinstance(value, str):
+        return to_datetime(value) or value
+    if isinstance(value, list):
+        return [_as_date(v) for v in value]
+    return value
+
+
 def _condition(key: str, cond: Any) -> list[tuple[Callable[[Any, Any], bool], Any]]:
     """``cond`` as a list of (test, argument) pairs, validated."""
+    if key in _DATE_KEYS:
+        if isinstance(cond, dict):
+            cond = {op: arg if op == "$glob" else _as_date(arg) for op, arg in cond.items()}
+        else:
+            cond = _as_date(cond)
     if not (isinstance(cond, dict) and any(isinstance(k, str) and k.startswith("$")
                                            for k in cond)):
         return [(_eq, cond)]

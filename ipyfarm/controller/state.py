@@ -619,9 +619,7 @@ class ControllerState:
 
 
 def _nbytes(frames: Any) -> int:
-    if not frames:
-        return 0
-    return sum(len(f) for f in frames[5:]) if len(frames) > 5 else 0
+    return sum(len(f) for f in frames) if frames else 0
 
 
 def _dep_ids(job: Job) -> set:
