@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import logging
 import os
 import secrets
@@ -604,8 +605,14 @@ class Hub:
 
     # ------------------------------------------------------------------ commands
     def _execute(self, commands: list) -> None:
+        table = self._command_table
         for cmd in commands:
-            getattr(self, "_do_" + type(cmd).__name__)(cmd)
+            table[type(cmd)](cmd)
+
+    @functools.cached_property
+    def _command_table(self) -> dict:
+        return {cls: getattr(self, "_do_" + cls.__name__) for cls in vars(C).values()
+                if isinstance(cls, type) and issubclass(cls, C.Command) and cls is not C.Command}
 
     def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
         shell = self._engine_socks[cmd.engine_id][0]

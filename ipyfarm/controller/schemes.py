@@ -1,9 +1,10 @@
 """Load-balancing schemes: pure functions that pick one engine for a task.
 
 Each takes the candidate engines that have room for another task (never empty) and
-a ``random.Random``; it returns one of them. A candidate is a :class:`Slot`:
-``load`` is the engine's outstanding task count, ``last_used`` how many dispatches
-ago it got work (a counter, not a clock), ``engine_id`` breaks ties.
+a ``random.Random``; it returns one of them. A candidate is anything shaped like a
+:class:`Slot` (the controller passes its engine records): ``load`` is the engine's
+outstanding task count, ``last_used`` the dispatch counter when it last got work
+(a counter, not a clock), ``engine_id`` breaks ties.
 
 ==============  ====================================================================
 ``leastload``   fewest outstanding tasks; among equals, the least recently used
@@ -17,7 +18,7 @@ ago it got work (a counter, not a clock), ``engine_id`` breaks ties.
 from __future__ import annotations
 
 import random
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 __all__ = ["SCHEMES", "Slot", "get_scheme"]
 
@@ -28,26 +29,26 @@ class Slot(NamedTuple):
     last_used: int
 
 
-def leastload(slots: Sequence[Slot], rng: random.Random) -> Slot:
+def leastload(slots: Sequence[Any], rng: random.Random) -> Any:
     return min(slots, key=lambda s: (s.load, s.last_used, s.engine_id))
 
 
-def lru(slots: Sequence[Slot], rng: random.Random) -> Slot:
+def lru(slots: Sequence[Any], rng: random.Random) -> Any:
     return min(slots, key=lambda s: (s.last_used, s.engine_id))
 
 
-def plainrandom(slots: Sequence[Slot], rng: random.Random) -> Slot:
+def plainrandom(slots: Sequence[Any], rng: random.Random) -> Any:
     return slots[rng.randrange(len(slots))]
 
 
-def twobin(slots: Sequence[Slot], rng: random.Random) -> Slot:
+def twobin(slots: Sequence[Any], rng: random.Random) -> Any:
     if len(slots) == 1:
         return slots[0]
     a, b = rng.sample(range(len(slots)), 2)
     return lru([slots[a], slots[b]], rng)
 
 
-def weighted(slots: Sequence[Slot], rng: random.Random) -> Slot:
+def weighted(slots: Sequence[Any], rng: random.Random) -> Any:
     if len(slots) == 1:
         return slots[0]
     weights = [1.0 / (1 + s.load) for s in slots]
@@ -55,7 +56,7 @@ def weighted(slots: Sequence[Slot], rng: random.Random) -> Slot:
     return leastload([slots[a], slots[b]], rng)
 
 
-SCHEMES: dict[str, Callable[[Sequence[Slot], random.Random], Slot]] = {
+SCHEMES: dict[str, Callable[[Sequence[Any], random.Random], Any]] = {
     "leastload": leastload,
     "lru": lru,
     "plainrandom": plainrandom,
@@ -64,7 +65,7 @@ SCHEMES: dict[str, Callable[[Sequence[Slot], random.Random], Slot]] = {
 }
 
 
-def get_scheme(name: str) -> Callable[[Sequence[Slot], random.Random], Slot]:
+def get_scheme(name: str) -> Callable[[Sequence[Any], random.Random], Any]:
     try:
         return SCHEMES[name]
     except KeyError:

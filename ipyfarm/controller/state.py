@@ -32,7 +32,7 @@ from .db import PENDING, MemoryTaskDB, TaskRecord
 from .dependencies import UNREACHABLE, WAITING
 from .jobs import READY, RUNNING, Job
 from .jobs import WAITING as PHASE_WAITING
-from .schemes import Slot, get_scheme
+from .schemes import get_scheme
 
 UNMET = "UnmetDependency"
 
@@ -53,6 +53,10 @@ class EngineState:
     failed: int = 0
     last_used: int = 0
     lost_reason: str = ""
+
+    @property
+    def load(self) -> int:
+        return len(self.outstanding)
 
     @property
     def properties(self) -> dict:
@@ -114,14 +118,19 @@ class ControllerState:
         self.waiting: dict[str, Job] = {}  # balanced, dependencies or a fitting engine unmet
         self._dependents: dict[str, set[str]] = {}  # msg_id -> waiting msg_ids naming it
         self._deadlines: list[tuple[float, str]] = []  # heap of waiting jobs' deadlines
+        self._live: list[EngineState] = []  # alive engines, in id order
+        self._idents: dict[bytes, bytes] = {}  # client identities, shared by their records
+        self._handlers = {cls: getattr(self, "_on_" + cls.__name__)
+                          for cls in vars(E).values()
+                          if isinstance(cls, type) and issubclass(cls, E.Event)
+                          and hasattr(self, "_on_" + cls.__name__)}
         self._dispatches = 0
         self._now = 0.0
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: E.Event) -> list[C.Command]:
         self._now = event.now
-        method = getattr(self, "_on_" + type(event).__name__)
-        return method(event)
+        return self._handlers[type(event)](event)
 
     # ------------------------------------------------------------------ engines
     def _on_RegistrationRequested(self, ev: E.RegistrationRequested) -> list[C.Command]:
@@ -145,6 +154,7 @@ class ControllerState:
         )
         self.engines[engine_id] = eng
         self._by_uuid[ev.uuid] = engine_id
+        self._live.append(eng)
         out: list[C.Command] = [
             C.ConnectEngine(engine_id, ev.info),
             C.ReplyRegistration(ev.ident, self._registration_reply(eng)),
@@ -202,6 +212,7 @@ class ControllerState:
             return []
         eng.alive = False
         eng.lost_reason = reason
+        self._live.remove(eng)
         out: list[C.Command] = []
         lost = list(eng.outstanding)
         eng.outstanding.clear()
@@ -243,9 +254,10 @@ class ControllerState:
 
     # ------------------------------------------------------------------ tasks in
     def _on_TaskSubmitted(self, ev: E.TaskSubmitted) -> list[C.Command]:
-        self.clients.setdefault(ev.client_ident, ev.now)
+        client = self._idents.setdefault(ev.client_ident, ev.client_ident)  # one per client
+        self.clients.setdefault(client, ev.now)
         balanced = ev.engine_id is None
-        rec = TaskRecord(ev.msg_id, ev.msg_type, ev.client_ident, ev.engine_id, ev.now, ev.label,
+        rec = TaskRecord(ev.msg_id, ev.msg_type, client, ev.engine_id, ev.now, ev.label,
                          queue="task" if balanced else "mux", submitted_date=ev.date)
         self.db.add(rec)
         if ev.resubmit_of is not None:
@@ -318,7 +330,11 @@ class ControllerState:
         if any(v == WAITING for _, v in verdicts):
             self._park(job)
             return
-        fits, why = self._candidates(job, follow_engines)
+        if not job.constrained:
+            fits: list = self._live
+            why = None
+        else:
+            fits, why = self._candidates(job, follow_engines)
         if fits:
             job.phase = READY
             self.waiting.pop(job.msg_id, None)
@@ -332,10 +348,9 @@ class ControllerState:
     def _candidates(self, job: Job, follow_engines: set | None = None
                     ) -> tuple[list[EngineState], str | None]:
         """Live engines this job may run on; else ``([], why)`` (``why`` None: no engines)."""
-        live = [e for e in self.engines.values() if e.alive]
-        if not live:
+        fits = self._live
+        if not fits:
             return [], None
-        fits = live
         if job.targets is not None:
             fits = [e for e in fits if e.engine_id in job.targets]
             if not fits:
@@ -377,16 +392,14 @@ class ControllerState:
         job.rec.engine_id = None
         self.ready.appendleft(job)
 
-    def _has_room(self, eng: EngineState) -> bool:
-        return self.hwm == 0 or len(eng.outstanding) < self.hwm
-
     def _schedule(self, out: list) -> None:
         """Dispatch ready jobs, oldest first, while engines have room."""
         if not self.ready:
             return
         kept: list[Job] = []
+        hwm = self.hwm
         while self.ready:
-            roomy = [e for e in self.engines.values() if e.alive and self._has_room(e)]
+            roomy = [e for e in self._live if hwm == 0 or len(e.outstanding) < hwm]
             if not roomy:
                 break
             job = self.ready.popleft()
@@ -411,9 +424,8 @@ class ControllerState:
             if job.tried:
                 fresh = [e for e in choices if e.engine_id not in job.tried]
                 choices = fresh or choices
-            slots = [Slot(e.engine_id, len(e.outstanding), e.last_used) for e in choices]
-            pick = self.scheme(slots, self.rng)
-            self._dispatch(job, self.engines[pick.engine_id], out)
+            # engines are Slot-like (engine_id, load, last_used): no copies per decision
+            self._dispatch(job, self.scheme(choices, self.rng), out)
         if kept:
             self.ready.extendleft(reversed(kept))
 
