@@ -21,10 +21,11 @@ from typing import Any
 import zmq
 from jupyter_client.jsonutil import extract_dates
 
-from .. import error, paths
+from .. import error
 from ..protocol.serialize import loads
-from ..protocol.session import FarmSession, split_identities
+from ..protocol.session import FarmSession, parse_date, split_identities
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata
+from .connect import find_connection_info
 from .display import ExecuteReply
 from .io import ClientIO
 
@@ -33,44 +34,6 @@ __all__ = ["Client"]
 _IOPUB = frozenset({"stream", "display_data", "update_display_data", "execute_result",
                     "error", "clear_output"})
 _REPLIES = frozenset({"apply_reply", "execute_reply"})
-
-
-def _no_cluster_message(where: str) -> str:
-    return (
-        f"No ipyfarm cluster found ({where}). Start one from a shell with "
-        "`ipyfarm start -n 4 --daemonize`, or in Python with "
-        "`rc = ipyfarm.Cluster(n=4).start_and_connect_sync()`; or pass "
-        "Client(url_file=...) / Client(profile=...) for a cluster started elsewhere."
-    )
-
-
-def find_connection_info(url_file: str | Path | None = None,
-                         profile: str | None = None) -> dict:
-    """The controller's connection info: explicit file, profile, this process, newest."""
-    if url_file is not None:
-        path = Path(url_file)
-        if not path.exists():
-            raise error.NoClusterError(_no_cluster_message(f"no file {path}"))
-        return paths.read_json(path)
-    if profile is not None:
-        path = paths.cluster_file(profile)
-        if not path.exists():
-            raise error.NoClusterError(_no_cluster_message(f"no file for profile {profile!r}"))
-        info = paths.read_json(path)
-        if not paths.pid_alive(int(info.get("pid", -1))):
-            raise error.NoClusterError(_no_cluster_message(
-                f"the cluster of profile {profile!r} (pid {info.get('pid')}) is not running"))
-        return info
-    from ..controller.embedded import current_embedded
-
-    embedded = current_embedded()
-    if embedded is not None:
-        return embedded.connection_info()
-    found = paths.find_cluster_files()
-    if not found:
-        raise error.NoClusterError(_no_cluster_message(
-            f"no embedded controller in this process, no running cluster in {paths.runtime_dir()}"))
-    return found[0][1]
 
 
 def _aware_dates(value: Any) -> Any:
@@ -322,7 +285,8 @@ class Client:
             if key in rmd:
                 md[key] = rmd[key]
         md["status"] = content.get("status")
-        md.update(extract_dates({k: md[k] for k in ("started", "completed") if md[k]}))
+        md["started"] = parse_date(md["started"])
+        md["completed"] = parse_date(md["completed"])
         md["received"] = msg["header"].get("date")
         status = content.get("status")
         if status == "ok":

@@ -175,7 +175,7 @@ class LoadBalancedView(View):
         else:
             raise ValueError(f"max_outstanding must be 'auto' or a positive int, "
                              f"not {max_outstanding!r}")
-        return self._imap(f, zip(*sequences), ordered, limit, return_exceptions)
+        return self._imap(f, zip(*sequences, strict=False), ordered, limit, return_exceptions)
 
     def _imap(self, f: Any, items: Iterable, ordered: bool, limit: int,
               return_exceptions: bool) -> Iterator:

@@ -82,7 +82,7 @@ def _rebuild_item_error(ename: str, evalue: str, tb: str, engine_info: dict) -> 
 def map_chunk_catching(f: Any, *chunks: Any) -> list:
     """Run on an engine: like :func:`map_chunk`, an item's exception becomes its result."""
     out = []
-    for args in zip(*chunks):
+    for args in zip(*chunks, strict=False):
         try:
             out.append(f(*args))
         except Exception as e:

@@ -23,69 +23,19 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import commands as C
 from . import events as E
 from .db import PENDING, MemoryTaskDB, TaskRecord
 from .dependencies import UNREACHABLE, WAITING
+from .engines import EngineState, describe_exit
+from .placement import candidates, unreachable_text
 from .jobs import READY, RUNNING, Job
 from .jobs import WAITING as PHASE_WAITING
 from .schemes import get_scheme
 
 UNMET = "UnmetDependency"
-
-
-@dataclass(slots=True)
-class EngineState:
-    engine_id: int
-    uuid: str
-    ident: bytes
-    pid: int
-    hostname: str
-    info: dict
-    registered: float
-    last_beat: float
-    alive: bool = True
-    outstanding: dict = field(default_factory=dict)  # msg_id -> "mux" | "task", in order
-    completed: int = 0
-    failed: int = 0
-    last_used: int = 0
-    lost_reason: str = ""
-
-    @property
-    def load(self) -> int:
-        return len(self.outstanding)
-
-    @property
-    def properties(self) -> dict:
-        return self.info.setdefault("properties", {})
-
-    def public(self) -> dict:
-        return {
-            "engine_id": self.engine_id,
-            "uuid": self.uuid,
-            "pid": self.pid,
-            "hostname": self.hostname,
-            "connection_file": self.info.get("connection_file"),
-            "connection_info": self.info.get("connection_info", {}),
-            "properties": self.properties,
-        }
-
-
-def describe_exit(returncode: int) -> str:
-    """Human words for a process exit status (negative = killed by a signal)."""
-    if returncode < 0:
-        import signal as _signal
-
-        try:
-            name = _signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        hint = " (killed: out of memory, or by a user/launcher?)" if returncode == -9 else ""
-        return f"exit code {returncode}, {name}{hint}"
-    return f"exit code {returncode}"
 
 
 class ControllerState:
@@ -325,7 +275,7 @@ class ControllerState:
         for kind, verdict in verdicts:
             if verdict == UNREACHABLE:
                 spec = job.after if kind == "after" else job.follow
-                self._fail(job, "ImpossibleDependency", _unreachable_text(job, kind, spec), out)
+                self._fail(job, "ImpossibleDependency", unreachable_text(job, kind, spec), out)
                 return
         if any(v == WAITING for _, v in verdicts):
             self._park(job)
@@ -347,34 +297,9 @@ class ControllerState:
 
     def _candidates(self, job: Job, follow_engines: set | None = None
                     ) -> tuple[list[EngineState], str | None]:
-        """Live engines this job may run on; else ``([], why)`` (``why`` None: no engines)."""
-        fits = self._live
-        if not fits:
-            return [], None
-        if job.targets is not None:
-            fits = [e for e in fits if e.engine_id in job.targets]
-            if not fits:
-                return [], (f"none of its target engines {sorted(job.targets)} is alive "
-                            f"(live engines: {self.live_ids()})")
-        if job.follow is not None:
-            if follow_engines is None:
-                follow_engines = job.follow.locations(self._outcome, self._engine_of)
-            fits = [e for e in fits if e.engine_id in follow_engines]
-            if not fits:
-                return [], (f"it must follow tasks that ran on engine(s) "
-                            f"{sorted(x for x in follow_engines if x is not None)}, which are "
-                            "gone or not among its targets")
-        if job.placement is not None:
-            fits = [e for e in fits if _satisfies(job.placement, e.properties)]
-            if not fits:
-                return [], ("no live engine's properties satisfy its placement predicate "
-                            "(set a timeout to wait for one, or check view.get_properties())")
-        if job.blacklist:
-            fits = [e for e in fits if e.engine_id not in job.blacklist]
-            if not fits:
-                return [], (f"it raised UnmetDependency on every engine that could run it "
-                            f"({sorted(job.blacklist)})")
-        return fits, None
+        if job.follow is not None and follow_engines is None:
+            follow_engines = job.follow.locations(self._outcome, self._engine_of)
+        return candidates(job, self._live, follow_engines)
 
     def _park(self, job: Job) -> None:
         job.phase = PHASE_WAITING
@@ -640,24 +565,6 @@ def _dep_ids(job: Job) -> set:
         if spec is not None:
             ids |= spec.ids
     return ids
-
-
-def _satisfies(predicate: Any, properties: dict) -> bool:
-    """A placement predicate's verdict; one that raises counts as False."""
-    try:
-        return bool(predicate(dict(properties)))
-    except Exception:
-        return False
-
-
-def _unreachable_text(job: Job, kind: str, spec: Any) -> str:
-    accepted = " or ".join(w for w, on in (("succeeded", spec.success),
-                                           ("failed", spec.failure)) if on) or "ended"
-    need = "all" if spec.all else "any"
-    where = (" and on one engine" if kind == "follow" and spec.all else "")
-    return (f"task {job.msg_id} can never run: its {kind} dependency needs {need} of "
-            f"{len(spec.ids)} task(s) to have {accepted}{where}, and that can no longer "
-            "happen")
 
 
 __all__ = ["ControllerState", "EngineState", "describe_exit"]

@@ -149,6 +149,17 @@ def _pack(obj: Any) -> bytes:
         return json_packer(obj)  # jupyter_client's, with its fallbacks
 
 
+def parse_date(value: Any) -> Any:
+    """An ISO 8601 string as an aware datetime (fast path); anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return extract_dates(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
 def _header_dates(header: Any) -> Any:
     """``header["date"]`` as a datetime (what ``extract_dates`` gives, without its
     regex-and-dateutil walk over every string of the header)."""

@@ -1,0 +1,116 @@
+"""The controller's wire helpers: sending frames, reading task metadata, holding frames.
+
+Pure functions and small classes used by the I/O shell (:mod:`.hub`); no sockets of
+their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from ..protocol.serialize import loads
+from .dependencies import DepSpec
+
+log = logging.getLogger("ipyfarm.controller")
+
+__all__ = ["RateLimitedLog", "compact", "frames_nbytes", "send_frames", "task_fields"]
+
+
+class RateLimitedLog:
+    """At most one line per ``period`` seconds per kind; counts what it held back."""
+
+    def __init__(self, period: float = 5.0):
+        self.period = period
+        self._last: dict[str, float] = {}
+        self._held: collections.Counter = collections.Counter()
+
+    def warn(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) >= self.period:
+            held = self._held.pop(kind, 0)
+            extra = f" ({held} similar messages suppressed)" if held else ""
+            log.warning("%s%s", text, extra)
+            self._last[kind] = now
+        else:
+            self._held[kind] += 1
+
+
+_BIG = 65536
+
+
+def send_frames(sock: zmq.Socket, frames: list) -> None:
+    """``send_multipart`` without its per-call overhead; only big frames go zero-copy."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        flags = 0 if i == last else zmq.SNDMORE.value
+        if isinstance(frame, bytes):
+            sock.send(frame, flags)
+        else:
+            sock.send(frame, flags, copy=len(frame) >= _BIG)
+
+
+def task_fields(md: Any) -> dict:
+    """Routing and scheduling fields of a task from its (signed) metadata.
+
+    Raises ValueError saying which field is wrong. The placement predicate is the one
+    user object the controller unpickles, on purpose (after the signature checked out).
+    """
+    if not isinstance(md, dict):
+        raise ValueError("task metadata must be a JSON object")
+    engine_id = md.get("engine_id")
+    if engine_id is not None and (not isinstance(engine_id, int) or isinstance(engine_id, bool)):
+        raise ValueError(f"engine_id must be an int or null, not {engine_id!r}")
+    label = md.get("label")
+    if label is not None and not isinstance(label, str):
+        raise ValueError(f"label must be a string, not {type(label).__name__}")
+    out: dict[str, Any] = {"engine_id": engine_id, "label": label}
+    if engine_id is not None:
+        return out
+    out["after"] = DepSpec.from_wire(md.get("after"))
+    out["follow"] = DepSpec.from_wire(md.get("follow"))
+    timeout = md.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)):
+        raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
+    out["timeout"] = float(timeout) if timeout else None
+    targets = md.get("targets")
+    if targets is not None and not (isinstance(targets, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in targets)):
+        raise ValueError(f"targets must be a list of engine ids, not {targets!r}")
+    out["targets"] = targets
+    retries = md.get("retries", 0) or 0
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ValueError(f"retries must be a count >= 0, not {retries!r}")
+    out["retries"] = retries
+    placement = md.get("placement")
+    if placement is not None:
+        try:
+            out["placement"] = loads([base64.b64decode(placement)])
+        except Exception as e:
+            raise ValueError(
+                f"its placement predicate could not be unpickled by the controller: "
+                f"{type(e).__name__}: {e}. Define it with modules the controller's Python "
+                "has, or in the notebook/script itself") from None
+        if not callable(out["placement"]):
+            raise ValueError("placement must be a callable taking the engine's properties")
+    return out
+
+
+def frames_nbytes(frames: list) -> int:
+    return sum(len(f) for f in frames)
+
+
+def compact(frames: list) -> list:
+    """Copies of the small frames of a message the controller will hold on to.
+
+    libzmq decodes small messages in place in its receive buffer, so one small
+    ``zmq.Frame`` kept alive pins that whole buffer (kilobytes): holding thousands of
+    queued tasks or stored results as Frames costs ~17 kB each. Big frames own their
+    memory and stay zero-copy.
+    """
+    return [f if isinstance(f, bytes) or len(f) >= _BIG else f.bytes for f in frames]
