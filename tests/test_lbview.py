@@ -359,3 +359,26 @@ def test_aborted_task_error_has_remote_fields(rc, lview):
     assert info.value.ename == "TaskAborted" and isinstance(info.value, error.RemoteError)
     for b in busy:
         b.get(10)
+
+
+def test_in_process_and_tcp_clients_side_by_side(rc):
+    import zmq
+
+    assert rc._io._post is not None  # the embedded controller's own process: no sockets
+    ctx = zmq.Context()
+    tcp = ipp.Client(dict(rc._info, inproc=None), context=ctx)
+    try:
+        assert tcp._io._post is None
+        a = rc.load_balanced_view().map_async(lambda x: x * 2, range(50), chunksize=1)
+        b = tcp.load_balanced_view().map_async(lambda x: x * 3, range(50), chunksize=1)
+        assert a.get(20) == [x * 2 for x in range(50)]
+        assert b.get(20) == [x * 3 for x in range(50)]
+        np = pytest.importorskip("numpy")
+        arr = np.arange(100_000.0)
+        ar = rc[rc.ids[0]].push({"arr": arr}, block=False, track=True)
+        ar.get(10)
+        assert ar.sent
+        assert rc[rc.ids[0]].pull("arr", block=True).sum() == arr.sum()
+    finally:
+        tcp.close()
+        ctx.term()

@@ -79,9 +79,13 @@ class Client:
         self.block = False
         self.context = context or zmq.Context.instance()
         url = info["client"]
+        hub = None
         if info.get("inproc") and info.get("pid") == os.getpid() and context is None:
+            from ..controller.embedded import hub_at
+
             url = info["inproc"]  # an embedded controller of this process: no TCP
-        self._io = ClientIO(self.context, url, self._on_message)
+            hub = hub_at(url)  # and, while it runs, no sockets at all
+        self._io = ClientIO(self.context, url, self._on_message, hub=hub)
         self._io.start()
         try:
             reply = self._hub_request("connection_request", {}, timeout=timeout)

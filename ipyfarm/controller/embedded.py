@@ -25,6 +25,15 @@ def current_embedded() -> EmbeddedController | None:
     return None
 
 
+def hub_at(inproc_url: str) -> Any:
+    """The running hub of this process bound at ``inproc_url``, or None."""
+    with _lock:
+        for ctl in _running:
+            if ctl.hub.inproc_url == inproc_url and not ctl.hub.stopped.is_set():
+                return ctl.hub
+    return None
+
+
 class EmbeddedController:
     """A :class:`Hub` running on a daemon thread, with its connection file."""
 

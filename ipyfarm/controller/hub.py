@@ -70,6 +70,9 @@ class Hub:
         self.on_kill: Callable[[int, int], None] | None = None
         self.on_shutdown: Callable[[], None] | None = None
         self._posted: collections.deque = collections.deque()
+        # clients in this process: their messages come and go as frame lists, no sockets
+        self._local: dict[bytes, Callable[[list], None]] = {}  # receiving ident -> deliver
+        self._client_inbox: collections.deque = collections.deque()
         self._post_lock = threading.Lock()
         self._stop = threading.Event()
         self.stopped = threading.Event()
@@ -136,6 +139,42 @@ class Hub:
         self._posted.append(event)
         with self._post_lock:
             self.wake_push.send(b"", zmq.NOBLOCK)
+
+    def attach_local(self, ident: bytes, deliver: Callable[[list], None]) -> Callable[[list], None]:
+        """Serve a client of this process without sockets.
+
+        ``deliver(frames)`` is called on the hub's thread with each message for the
+        client (``[DELIM, signature, header, ...]``); it must only queue them. Returns
+        the function the client sends with: ``send([sending ident, DELIM, ...])``.
+        Everything the client sends goes that way, so its messages stay in order.
+        """
+        self._local[ident] = deliver
+        return self.post_client
+
+    def detach_local(self, ident: bytes) -> None:
+        self._local.pop(ident, None)
+
+    def post_client(self, frames: list) -> None:
+        """A message from a client of this process (any thread)."""
+        was_empty = not self._client_inbox
+        self._client_inbox.append(frames)
+        if was_empty:  # the hub drains the inbox until empty: one wake-up per burst
+            with self._post_lock:
+                self.wake_push.send(b"", zmq.NOBLOCK)
+
+    def _to_client(self, frames: list) -> None:
+        """``[ident, DELIM, ...]`` to a client: queued for one of this process, else sent."""
+        deliver = self._local.get(frames[0])
+        if deliver is not None:
+            deliver(frames[1:])
+        else:
+            send_frames(self.client_sock, frames)
+
+    def _send_to_client(self, ident: bytes, msg_type: str, content: dict,
+                        parent: dict | None = None, metadata: dict | None = None,
+                        buffers: list | None = None) -> None:
+        msg = self.session.msg(msg_type, content=content, parent=parent, metadata=metadata)
+        self._to_client(self.session.serialize_with_buffers(msg, ident, list(buffers or [])))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -222,7 +261,7 @@ class Hub:
     def _content(self, msg_type: str, rest: list, what: str) -> dict | None:
         """The decoded content if it fits its schema; None (counted, logged) if not."""
         try:
-            content = self.session.unpack(rest[4].bytes)
+            content = self.session.unpack(frames_bytes(rest[4]))
             validate(msg_type, content)
         except (SchemaError, ValueError) as e:
             self.dropped["schema"] += 1
@@ -233,6 +272,12 @@ class Hub:
     def _on_wake(self, frames: list) -> None:
         while self._posted:
             self._execute(self.state.handle(self._posted.popleft()))
+        inbox = self._client_inbox
+        while inbox:
+            try:
+                self._on_client(inbox.popleft())
+            except Exception:  # a bug or bad input must not stop the hub
+                log.exception("controller: error handling a message")
 
     def _on_client(self, frames: list) -> None:
         decoded = self._decode(frames, "client")
@@ -384,13 +429,12 @@ class Hub:
         parent = self.session.unpack(rest[2].bytes)
         rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) else None
         if rec is not None:
-            send_frames(self.client_sock, [rec.client_ident, DELIM, *rest])
+            self._to_client([rec.client_ident, DELIM, *rest])
 
     # ------------------------------------------------------------------ hub queries
     def _reply(self, ident: bytes, header: dict, msg_type: str, content: dict,
                buffers: list | None = None) -> None:
-        self.session.send(self.client_sock, msg_type, content, parent=header, ident=ident,
-                          buffers=buffers)
+        self._send_to_client(ident, msg_type, content, parent=header, buffers=buffers)
 
     def _q_connection_request(self, ident: bytes, header: dict, content: dict) -> None:
         self._execute(self.state.handle(E.ClientConnected(time.monotonic(), ident)))
@@ -417,7 +461,7 @@ class Hub:
                 if status_only:
                     continue
                 if rec.result_frames is not None:
-                    send_frames(self.client_sock, [ident, DELIM, *rec.result_frames])
+                    self._to_client([ident, DELIM, *rec.result_frames])
                 else:
                     released.append(msg_id)
         self._reply(ident, header, "result_reply", {
@@ -523,7 +567,7 @@ class Hub:
         send_frames(shell, [cmd.client_ident, DELIM, *cmd.frames])
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
-        send_frames(self.client_sock, [cmd.client_ident, DELIM, *cmd.frames])
+        self._to_client([cmd.client_ident, DELIM, *cmd.frames])
 
     def _do_FailTask(self, cmd: C.FailTask) -> None:
         reply_type = cmd.msg_type.replace("_request", "_reply")
@@ -534,8 +578,7 @@ class Hub:
         md = {"engine_id": cmd.engine_id, "status": cmd.status, "msg_type": reply_type,
               "error": err if cmd.status == "error" else None}
         parent = {"msg_id": cmd.msg_id, "msg_type": cmd.msg_type}
-        self.session.send(self.client_sock, reply_type, err, parent=parent,
-                          ident=cmd.client_ident, metadata=md)
+        self._send_to_client(cmd.client_ident, reply_type, err, parent=parent, metadata=md)
 
     def _do_ConnectEngine(self, cmd: C.ConnectEngine) -> None:
         ci = cmd.info.get("connection_info", {})
@@ -587,7 +630,7 @@ class Hub:
 
     def _do_NotifyClients(self, cmd: C.NotifyClients) -> None:
         for ident in list(self.state.clients):
-            self.session.send(self.client_sock, cmd.msg_type, cmd.content, ident=ident)
+            self._send_to_client(ident, cmd.msg_type, cmd.content)
 
     def _send_control(self, engine_id: int, msg_type: str, content: dict) -> str | None:
         socks = self._engine_socks.get(engine_id)

@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from ..protocol.serialize import loads
+from ..protocol.session import frames_bytes
 from .dependencies import DepSpec
 
 log = logging.getLogger("ipyfarm.controller")
@@ -113,4 +114,4 @@ def compact(frames: list) -> list:
     queued tasks or stored results as Frames costs ~17 kB each. Big frames own their
     memory and stay zero-copy.
     """
-    return [f if isinstance(f, bytes) or len(f) >= _BIG else f.bytes for f in frames]
+    return [f if isinstance(f, bytes) or len(f) >= _BIG else frames_bytes(f) for f in frames]
