@@ -45,7 +45,7 @@ class TaskRecord:
     request_frames: Any = None  # the signed request, kept (within the byte budget) for resubmit
     request_nbytes: int = 0
     resubmitted: str | None = None  # msg_id of the task that reran this one
-    submitted_date: str | None = None  # the request header's ISO date (wall clock)
+    submitted_date: float | None = None  # the request header's date, epoch seconds
 
     @property
     def done(self) -> bool:

@@ -72,7 +72,7 @@ class TaskSubmitted(Event):
     targets: list | None = None
     retries: int = 0
     placement: Any = None
-    date: str | None = None
+    date: float | None = None  # the request header's date, seconds since the epoch
     resubmit_of: str | None = None
 
 

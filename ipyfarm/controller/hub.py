@@ -32,7 +32,7 @@ from . import commands as C
 from . import events as E
 from .db import MemoryTaskDB
 from .state import ControllerState
-from .wire import RateLimitedLog, compact, frames_nbytes, send_frames, task_fields
+from .wire import RateLimitedLog, compact, epoch, frames_nbytes, send_frames, task_fields
 
 log = logging.getLogger("ipyfarm.controller")
 
@@ -319,9 +319,8 @@ class Hub:
                                          "InvalidTaskMetadata", f"task {msg_id} was not run: "
                                          f"{e}"))
             return
-        date = header.get("date")
         ev = E.TaskSubmitted(now, msg_id, ident, msg_type, frames=compact(rest),
-                             date=date if isinstance(date, str) else None,
+                             date=epoch(header.get("date")),
                              resubmit_of=resubmit_of, **fields)
         self._execute(self.state.handle(ev))
 
@@ -366,7 +365,7 @@ class Hub:
         rest = compact(rest)
         ev = E.ReplyArrived(
             time.monotonic(), engine_id, msg_id, status, rest, frames_nbytes(rest),
-            md.get("started"), md.get("completed"), idents[0] if idents else None,
+            epoch(md.get("started")), epoch(md.get("completed")), idents[0] if idents else None,
             content.get("ename"), content.get("evalue"), md.get("engine_uuid"),
             md.get("properties"),
         )

@@ -187,6 +187,8 @@ def to_datetime(value: Any) -> datetime | None:
     """An ISO string or datetime as an aware datetime (naive ones are UTC); else None."""
     if isinstance(value, datetime):
         dt = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, timezone.utc)  # epoch seconds
     elif isinstance(value, str) and value:
         try:
             dt = datetime.fromisoformat(value)

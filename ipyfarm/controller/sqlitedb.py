@@ -30,6 +30,7 @@ import os
 import sqlite3
 import struct
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -100,6 +101,8 @@ def unpack_frames(blob: bytes) -> list[bytes]:
 def _iso(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
+    if isinstance(value, int | float):  # epoch seconds, as the controller keeps them
+        return datetime.fromtimestamp(value, timezone.utc).isoformat()
     iso = getattr(value, "isoformat", None)
     return iso() if iso is not None else str(value)
 
@@ -355,7 +358,7 @@ class SQLiteTaskDB:
             _iso(rec.started), _iso(rec.completed),
             None if rec.received is None else rec.received + off,
             rec.result_nbytes, int(rec.released), rec.queue, rec.engine_uuid, rec.ename,
-            rec.evalue, rec.request_nbytes, rec.resubmitted, rec.submitted_date,
+            rec.evalue, rec.request_nbytes, rec.resubmitted, _iso(rec.submitted_date),
         )
 
     def _record(self, row: tuple) -> TaskRecord:

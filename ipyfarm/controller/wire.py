@@ -15,12 +15,26 @@ from typing import Any
 import zmq
 
 from ..protocol.serialize import loads
-from ..protocol.session import frames_bytes
+from ..protocol.session import frames_bytes, parse_date
 from .dependencies import DepSpec
 
 log = logging.getLogger("ipyfarm.controller")
 
-__all__ = ["RateLimitedLog", "compact", "frames_nbytes", "send_frames", "task_fields"]
+__all__ = ["RateLimitedLog", "compact", "epoch", "frames_nbytes", "send_frames",
+           "task_fields"]
+
+
+def epoch(value: Any) -> float | None:
+    """An ISO date from a header or metadata as seconds since the epoch (None if not one).
+
+    Records keep floats: 24 bytes instead of a ~80-byte string, for each of three dates.
+    """
+    if value is None:
+        return None
+    try:
+        return parse_date(value).timestamp()
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 class RateLimitedLog:

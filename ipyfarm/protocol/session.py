@@ -21,6 +21,7 @@ clients (``jupyter console --existing``) verify it as usual.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import json
@@ -183,6 +184,22 @@ class FarmSession(Session):
         super().__init__(**kwargs)
         if self.packer == "json":
             self.pack = _pack
+        self._digest_order: collections.deque = collections.deque()
+
+    def _add_digest(self, signature: bytes) -> None:
+        """Remember a signature to reject replays; the oldest is forgotten first.
+
+        (jupyter_client forgets a random tenth now and then: that sorts the whole
+        history each time, and the survivors, spread over the heap, keep freed
+        memory from going back to the system.)
+        """
+        if self.digest_history_size == 0:
+            return
+        self.digest_history.add(signature)
+        order = self._digest_order
+        order.append(signature)
+        while len(order) > self.digest_history_size:
+            self.digest_history.discard(order.popleft())
 
     def send(  # type: ignore[override]
         self,
