@@ -32,6 +32,14 @@ from .error import RemoteError as RemoteError
 from .protocol.serialize import Reference as Reference
 from .protocol.serialize import interactive as interactive
 
+
+def load_ipython_extension(ip):
+    """``%load_ext ipyfarm``: the %px magics (the first %px starts a cluster) and %farm."""
+    from .magics import load_ipython_extension as load
+
+    load(ip)
+
+
 __version__ = "0.1.0"
 version_info = (0, 1, 0)
 

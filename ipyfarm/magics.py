@@ -151,21 +151,27 @@ class _Progress:
         self._deadline = None if never else time.monotonic() + after
         self.open = False
         self.shown = False
+        self._last: tuple[int, int] | None = None
 
     def interval(self, streaming: bool) -> float:
         left = 1.0 if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
         return min(left, _POLL) if streaming else min(max(left, 0.02), 1.0)
 
     def tick(self) -> None:
-        if self._deadline is None or time.monotonic() < self._deadline:
+        now = time.monotonic()
+        if self._deadline is None or now < self._deadline:
             return
-        _print_now(f"\r%px: {self._ar.progress}/{len(self._ar)} engines done after "
-                   f"{self._ar.elapsed:.0f} s", end="")
+        state = (self._ar.progress, int(self._ar.elapsed))
+        if state == self._last and self.open:
+            return  # reprint when a count or the whole seconds change
+        self._last = state
+        _print_now(f"\r%px: {state[0]}/{len(self._ar)} engines done after {state[1]} s", end="")
         self.open = self.shown = True
 
     def end_line(self) -> None:
+        """Clear the progress line (other output goes there; progress comes back below)."""
         if self.open:
-            _print_now("")
+            _print_now("\r" + " " * 50 + "\r", end="")
             self.open = False
 
     def finish(self) -> None:
@@ -222,6 +228,7 @@ class ParallelMagics(Magics):
         self.view = view
         self.suffix = suffix
         self.last_result: Any = None
+        self._last_client: Any = None
         self.config_ = SimpleNamespace(targets=None, block=True, stream=True, verbose=False,
                                        progress_after=2.0, signal="SIGINT", groupby="type")
         self._autopx = None
@@ -261,6 +268,8 @@ class ParallelMagics(Magics):
             raise UsageError("%px: no code to run")
         if args.signal is not None:
             signal_number(args.signal)
+        if args.out is not None and not args.out.isidentifier():
+            raise UsageError(f"-o/--out needs a variable name, not {args.out!r}")
         return self._execute(code, args)
 
     px.__doc__ = (px.__doc__ or "") + "\n" + _PX.format_help()
@@ -272,10 +281,12 @@ class ParallelMagics(Magics):
             ar = view.execute(code, silent=False, targets=targets, block=False)
         except (IndexError, TypeError, error.NoEnginesRegistered, error.NoClusterError,
                 RuntimeError) as e:
-            raise UsageError(f"%px{self.suffix}: {e}") from None
-        self.last_result = ar
+            hint = "" if _alive(view.client) else \
+                "; activate another view, or `%farm start` a new cluster"
+            raise UsageError(f"%px{self.suffix}: {e}{hint}") from None
+        self.last_result, self._last_client = ar, view.client
         if args.out:
-            self._store(args.out, ar)
+            self.shell.user_ns[args.out] = ar
         if self._pick(args, "verbose"):
             ids = ar.engine_id if isinstance(ar.engine_id, list) else [ar.engine_id]
             _print_now(f"Parallel execution on engine(s): {ids}")
@@ -283,13 +294,8 @@ class ParallelMagics(Magics):
             self._run_here(code)
         if not self._pick(args, "block"):
             return ar
-        self._wait_and_show(ar, view, args)
+        self._wait_and_show(ar, view.client, args)
         return None
-
-    def _store(self, name: str, ar: Any) -> None:
-        if not name.isidentifier():
-            raise UsageError(f"-o/--out needs a variable name, not {name!r}")
-        self.shell.user_ns[name] = ar
 
     def _run_here(self, code: str) -> None:
         paused = self._autopx
@@ -301,8 +307,8 @@ class ParallelMagics(Magics):
             if paused is not None:
                 self.shell.input_transformers_cleanup.append(paused)
 
-    def _wait_and_show(self, ar: Any, view: Any, args: Any) -> None:
-        metadatas = [view.client.metadata[m] for m in ar.msg_ids]
+    def _wait_and_show(self, ar: Any, client: Any, args: Any) -> None:
+        metadatas = [client.metadata[m] for m in ar.msg_ids]
         streamer = _Streamer(metadatas) if self._pick(args, "stream") else None
         progress = _Progress(ar, self._pick(args, "progress_after"))
         try:
@@ -312,7 +318,7 @@ class ParallelMagics(Magics):
                 progress.tick()
         except KeyboardInterrupt:
             progress.end_line()
-            self._interrupt(ar, view, self._pick(args, "signal"))
+            self._interrupt(ar, client, self._pick(args, "signal"))
             raise
         progress.finish()
         if streamer is not None:
@@ -321,16 +327,16 @@ class ParallelMagics(Magics):
         display_outputs(left, self._pick(args, "groupby"))
         ar.get(0)  # raises the engines' error(s): IPython renders them as tracebacks
 
-    def _interrupt(self, ar: Any, view: Any, sig: Any) -> None:
+    def _interrupt(self, ar: Any, client: Any, sig: Any) -> None:
         signum = signal_number(sig)
-        running = sorted({view.client.metadata[m]["engine_id"] for m in ar.msg_ids
-                          if m not in view.client.results})
+        running = sorted({client.metadata[m]["engine_id"] for m in ar.msg_ids
+                          if m not in client.results})
         if signum and running:
-            view.client.send_signal(signum, targets=running)
+            client.send_signal(signum, targets=running)
             _print_now(f"%px: interrupted; sent {_signal.Signals(signum).name} to "
                        f"engine(s) {running}", file=sys.stderr)
         if ar.wait(2.0):
-            display_outputs([view.client.metadata[m] for m in ar.msg_ids], "type")
+            display_outputs([client.metadata[m] for m in ar.msg_ids], "type")
 
     # ------------------------------------------------------------------ %pxresult
     @line_magic
@@ -340,9 +346,11 @@ class ParallelMagics(Magics):
         if self.last_result is None:
             raise UsageError(f"%pxresult{self.suffix}: no %px{self.suffix} has run yet")
         if args.out:
-            self._store(args.out, self.last_result)
+            if not args.out.isidentifier():
+                raise UsageError(f"-o/--out needs a variable name, not {args.out!r}")
+            self.shell.user_ns[args.out] = self.last_result
         opts = SimpleNamespace(groupby=args.groupby, stream=False)
-        self._wait_and_show(self.last_result, self.view, opts)
+        self._wait_and_show(self.last_result, self._last_client, opts)
 
     pxresult.__doc__ = (pxresult.__doc__ or "") + "\n" + _PXRESULT.format_help()
 
@@ -385,10 +393,11 @@ class ParallelMagics(Magics):
             self._autopx = None
 
     def _to_px(self, lines: list[str]) -> list[str]:
-        """Input transformer: a cell becomes a %%px call (except %autopx itself)."""
+        """Input transformer: a cell becomes a %%px call (except this family's magics)."""
         cell = "".join(lines)
         words = cell.split(None, 1)
-        if not words or words[0] in (f"%autopx{self.suffix}", f"%%autopx{self.suffix}"):
+        own = {f"%{name}{self.suffix}" for name in ("autopx", "px", "pxconfig", "pxresult")}
+        if not words or words[0] in own or words[0] in {"%" + w for w in own}:
             return lines
         if _incomplete(cell):
             return lines  # a terminal is still reading a block: let it ask for more
@@ -404,6 +413,10 @@ def _incomplete(cell: str) -> bool:
     from IPython.core.inputtransformer2 import TransformerManager
 
     return TransformerManager().check_complete(cell)[0] == "incomplete"
+
+
+def _alive(rc: Any) -> bool:
+    return not getattr(rc, "_closed", False) and not rc.hub_shut_down
 
 
 def _registered(shell: Any) -> list[ParallelMagics]:
@@ -508,7 +521,7 @@ class FarmMagics(Magics):
     def _start(self, argv: list[str]) -> None:
         args = _FARM_START.parse_args(argv)
         view = self._view()
-        if view is not None and not view.client._closed:
+        if view is not None and _alive(view.client):
             raise UsageError(f"%farm start: a cluster of {len(view.client.ids)} engines is "
                              "already active; `%farm stop` it first, or `%farm add N`")
         if args.n is not None and args.n < 1:
@@ -557,7 +570,8 @@ class FarmMagics(Magics):
         cluster.start_engines_sync(n)
         rc.wait_for_engines(len(before) + n, timeout=cluster.engine_timeout)
         new = sorted(set(rc.ids) - before)
-        _print_now(f"ipyfarm: added {len(new)} engines, ids {new}; {len(rc.ids)} in all")
+        _print_now(f"ipyfarm: added {len(new)} engine{'s' if len(new) != 1 else ''}, ids {new};"
+                   f" {len(rc.ids)} in all")
 
     def _dashboard(self, argv: list[str]) -> Any:
         import ipyfarm

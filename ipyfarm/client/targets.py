@@ -33,6 +33,8 @@ def _fail(text: str, why: str) -> ValueError:
 def _int(part: str, text: str) -> int:
     part = part.strip()
     if not _INT.fullmatch(part):
+        if part == text.strip():
+            raise _fail(text, "it is not 'all', an engine id, a list or a slice")
         raise _fail(text, f"{part!r} is not an integer")
     return int(part)
 

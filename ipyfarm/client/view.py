@@ -153,6 +153,12 @@ class View:
 class DirectView(View):
     """Engines addressed by id; data movement and execution on each of them."""
 
+    def activate(self, suffix: str = "") -> None:
+        """Make ``%px<suffix>``, ``%autopx<suffix>``, ... in IPython run on this view."""
+        from ..magics import activate  # the magics depend on the client, not back
+
+        activate(self, suffix)
+
     def _really_apply(self, f: Any, args: tuple = (), kwargs: dict | None = None,
                       targets: Any = None, block: bool | None = None,
                       track: bool | None = None) -> Any:

@@ -1,0 +1,336 @@
+"""%px, %%px, %autopx, %pxresult, %pxconfig and %farm in a real IPython shell, on real
+engines (one 2-engine cluster for the module, activated with ``rc[:].activate()``)."""
+
+import _thread
+import io
+import os
+import re
+import sys
+import threading
+import time
+from contextlib import redirect_stdout
+
+import psutil
+import pytest
+
+import ipyfarm as ipp
+
+from .conftest import kill_pids, wait_until
+
+pytest.importorskip("IPython")
+
+from IPython.core.error import UsageError  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from IPython.testing import tools  # noqa: E402
+from IPython.utils.capture import capture_output  # noqa: E402
+
+from ipyfarm.magics import ParallelMagics  # noqa: E402
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture(scope="module")
+def ip(tmp_path_factory):
+    hooks = sys.displayhook, sys.excepthook
+    config = tools.default_config()
+    shell = InteractiveShell.instance(config=config,
+                                      ipython_dir=str(tmp_path_factory.mktemp("ipython")))
+    shell.run_line_magic("load_ext", "ipyfarm")
+    try:
+        yield shell
+    finally:
+        for fn in list(shell.magics_manager.magics["line"].values()):
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, ParallelMagics):
+                owner.stop_autopx()
+        InteractiveShell.clear_instance()
+        sys.displayhook, sys.excepthook = hooks
+
+
+@pytest.fixture(scope="module")
+def px(ip, cluster):
+    """The %px magics, activated on the module's cluster."""
+    _, rc = cluster
+    rc[:].activate()
+    return ip.magics_manager.magics["line"]["px"].__self__
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config(request):
+    yield
+    if "px" in request.fixturenames:
+        magics = request.getfixturevalue("px")
+        magics.stop_autopx()
+        magics.config_.targets, magics.config_.block = None, True
+
+
+def run(ip, cell):
+    """Run a cell as a notebook would; its stdout, stderr, display outputs, result."""
+    with capture_output() as cap:
+        result = ip.run_cell(cell)
+    return _ANSI.sub("", cap.stdout), _ANSI.sub("", cap.stderr), cap.outputs, result
+
+
+def test_px_runs_on_all_engines_with_per_engine_stdout(ip, px, rc):
+    out, err, _, result = run(ip, "%px import os; print(os.getpid())")
+    assert result.success, out + err
+    pids = rc[:].apply_sync(os.getpid)
+    assert f"[stdout:0] {pids[0]}" in out
+    assert f"[stdout:1] {pids[1]}" in out
+
+
+def test_px_expression_shows_out_per_engine(ip, px):
+    out, _, _, _ = run(ip, "%px 6 * 7")
+    assert re.search(r"Out\[0:\d+\]: 42", out)
+    assert re.search(r"Out\[1:\d+\]: 42", out)
+
+
+def test_cell_targets_slice(ip, px):
+    out, err, _, result = run(ip, "%%px --targets ::2\nprint('even engine')")
+    assert result.success, out + err
+    assert "[stdout:0] even engine" in out
+    assert "[stdout:1]" not in out
+    out, _, _, _ = run(ip, "%%px --targets 1:\nprint('from one')")
+    assert "[stdout:1] from one" in out and "[stdout:0]" not in out
+
+
+def test_group_outputs(ip, px):
+    cell = "print('line')\n'value'"
+    by_engine, _, _, _ = run(ip, f"%%px --no-stream --group-outputs=engine\n{cell}")
+    by_type, _, _, _ = run(ip, f"%%px --no-stream --group-outputs=type\n{cell}")
+
+    def order(text):
+        return re.findall(r"\[stdout:(\d)\]|Out\[(\d):", text)
+
+    assert order(by_engine) == [("0", ""), ("", "0"), ("1", ""), ("", "1")]
+    assert order(by_type) == [("0", ""), ("1", ""), ("", "0"), ("", "1")]
+    with pytest.raises(UsageError):
+        ip.run_cell_magic("px", "--group-outputs=nope", "1")
+
+
+def test_noblock_then_pxresult(ip, px):
+    out, _, _, result = run(ip, "%%px --noblock\nprint('later')\n5 + 5")
+    assert isinstance(result.result, ipp.AsyncResult)
+    assert "[stdout" not in out  # nothing shown until asked
+    out, _, _, result = run(ip, "%pxresult")
+    assert result.success
+    assert "[stdout:0] later" in out and "[stdout:1] later" in out
+    assert re.search(r"Out\[1:\d+\]: 10", out)
+
+
+def test_out_stores_the_async_result(ip, px):
+    _, _, _, result = run(ip, "%%px -o answer\nanswer = 6 * 7\nanswer")
+    assert result.success
+    ar = ip.user_ns["answer"]
+    assert isinstance(ar, ipp.AsyncResult) and ar.done()
+    assert [r.execute_result["data"]["text/plain"] for r in ar.get()] == ["42", "42"]
+
+
+def test_local_runs_here_too(ip, px, rc):
+    out, err, _, result = run(ip, "%%px --local\nboth_places = 17\nprint('ran', both_places)")
+    assert result.success, out + err
+    assert ip.user_ns["both_places"] == 17
+    assert rc[:].pull("both_places", block=True) == [17, 17]
+    assert "ran 17" in out.replace("[stdout:0] ran 17", "").replace("[stdout:1] ran 17", "")
+
+
+def test_identical_errors_collapse_into_one_traceback(ip, px):
+    out, _, _, result = run(ip, "%%px\nprint('before')\n1/0")
+    assert isinstance(result.error_in_exec, ipp.CompositeError)
+    assert "[stdout:0] before" in out and "[stdout:1] before" in out
+    assert "[engines [0, 1]]" in out
+    assert out.count("ZeroDivisionError: division by zero") == 1
+    assert "1/0" in out  # the remote traceback shows the failing line
+
+
+def test_error_on_one_engine_names_it(ip, px):
+    out, _, _, result = run(ip, "%px --targets 1 raise ValueError('only here')")
+    assert isinstance(result.error_in_exec, ipp.RemoteError)
+    assert "[engine 1]" in out and "ValueError: only here" in out
+
+
+def test_rich_display_from_engines(ip, px):
+    code = "from IPython.display import HTML, display; display(HTML('<b>bold</b>'))"
+    _, _, outputs, result = run(ip, f"%px --targets 0 {code}")
+    assert result.success
+    assert [o.data.get("text/html") for o in outputs] == ["<b>bold</b>"]
+
+
+def test_pxconfig_sets_defaults(ip, px):
+    run(ip, "%pxconfig --targets 0")
+    out, _, _, _ = run(ip, "%px print('configured')")
+    assert "[stdout:0] configured" in out and "[stdout:1]" not in out
+    run(ip, "%pxconfig --noblock --targets all")
+    _, _, _, result = run(ip, "%px 1")
+    assert isinstance(result.result, ipp.AsyncResult)
+    assert len(result.result) == 2
+    out, _, _, _ = run(ip, "%pxconfig")
+    assert "block=False" in out
+
+
+def test_autopx_toggles(ip, px, rc):
+    out, _, _, _ = run(ip, "%autopx")
+    assert "%autopx enabled" in out
+    out, err, _, result = run(ip, "autopx_value = 11\nprint('remote', autopx_value)")
+    assert result.success, out + err
+    assert "[stdout:0] remote 11" in out and "[stdout:1] remote 11" in out
+    assert "autopx_value" not in ip.user_ns
+    run(ip, "%pxconfig --targets 1")  # this family's magics still run here
+    out, _, _, _ = run(ip, "print('on one')")
+    assert "[stdout:1] on one" in out and "[stdout:0]" not in out
+    run(ip, "%pxconfig --targets all")
+    out, _, _, _ = run(ip, "%autopx")
+    assert "%autopx disabled" in out
+    out, _, _, result = run(ip, "local_value = 3\nprint('local', local_value)")
+    assert ip.user_ns["local_value"] == 3 and "[stdout" not in out
+    assert rc[:].pull("autopx_value", block=True) == [11, 11]
+
+
+def test_targets_are_parsed_never_evaluated(ip, px, rc, tmp_path):
+    marker = tmp_path / "evaluated"
+    before = len(rc.history)
+    for bad in (f"__import__('pathlib').Path({str(marker)!r}).touch()", "ids[0]", "1.5"):
+        with pytest.raises(UsageError, match="bad targets"):
+            ip.run_cell_magic("px", f'--targets "{bad}"', "1")
+    with pytest.raises(UsageError, match="bad targets"):
+        ip.run_line_magic("pxconfig", "--targets __import__('os')")
+    assert not marker.exists()
+    assert len(rc.history) == before  # nothing was sent
+    with pytest.raises(UsageError, match="no engine 7"):
+        ip.run_cell_magic("px", "--targets 7", "1")
+    out, _, _, _ = run(ip, "%%px --targets [0,1] -v\nprint('listed')")
+    assert "Parallel execution on engine(s): [0, 1]" in out
+    out, _, _, _ = run(ip, "%px --targets=-1 print('last')")
+    assert "[stdout:1] last" in out and "[stdout:0]" not in out
+
+
+def test_farm_status(ip, px, rc):
+    out, _, _, result = run(ip, "%farm status")
+    assert result.success
+    assert "2 engines" in out and "embedded" in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+", line)]
+    assert [int(r[0]) for r in rows] == rc.ids
+    with pytest.raises(UsageError):
+        ip.run_line_magic("farm", "bogus")
+
+
+def test_stream_prints_lines_as_they_arrive(ip, px, tmp_path):
+    gate = tmp_path / "gate"
+
+    class Watcher(io.StringIO):
+        def write(self, text):
+            if "[stdout:0] first" in self.getvalue() + text:
+                gate.touch()  # engines go on only once the first line was shown
+            return super().write(text)
+
+    code = (f"import os, time\nprint('first', flush=True)\ndeadline = time.monotonic() + 20\n"
+            f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
+            f"    time.sleep(0.01)\nprint('second', os.path.exists({str(gate)!r}))")
+    shown = Watcher()
+    start = time.monotonic()
+    with redirect_stdout(shown):
+        ip.run_cell_magic("px", "--stream --targets 0", code)
+    assert time.monotonic() - start < 15
+    text = shown.getvalue()
+    assert text.index("[stdout:0] first") < text.index("[stdout:0] second True")
+
+
+def test_progress_after(ip, px, tmp_path):
+    gate = tmp_path / "gate"
+
+    class Watcher(io.StringIO):
+        def write(self, text):
+            if "engines done after" in text:
+                gate.touch()
+            return super().write(text)
+
+    code = (f"import os, time\ndeadline = time.monotonic() + 20\n"
+            f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
+            f"    time.sleep(0.01)")
+    shown = Watcher()
+    with redirect_stdout(shown):
+        ip.run_cell_magic("px", "--progress-after 0 --no-stream", code)
+    assert "%px: 0/2 engines done after" in shown.getvalue()
+    assert "%px: 2/2 engines done after" in shown.getvalue()
+
+
+def test_ctrl_c_interrupts_the_engines(ip, px, rc):
+    code = "print('started', flush=True)\nimport time\ntime.sleep(60)"
+
+    def interrupt_when_running():
+        def running():
+            ar = px.last_result
+            return ar is not None and not ar.done() and all(
+                "started" in (rc.metadata[m]["stdout"] or "") for m in ar.msg_ids)
+        if wait_until(running, 20):
+            _thread.interrupt_main()
+
+    px.last_result = None
+    helper = threading.Thread(target=interrupt_when_running)
+    start = time.monotonic()
+    helper.start()
+    with capture_output() as cap, pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic("px", "--signal-on-interrupt SIGINT", code)
+    helper.join(30)
+    ar = px.last_result
+    assert ar.wait(10)
+    assert time.monotonic() - start < 30
+    assert [md["error"]["ename"] for md in ar.metadata] == ["KeyboardInterrupt"] * 2
+    assert "sent SIGINT to engine(s) [0, 1]" in cap.stderr
+    with pytest.raises(UsageError, match="unknown signal"):
+        ip.run_cell_magic("px", "--signal-on-interrupt SIGNOPE", "1")
+
+
+def test_activate_with_suffix(ip, px, rc):
+    rc[1].activate("one")
+    out, _, _, _ = run(ip, "%pxone print('suffixed')")
+    assert "[stdout:1] suffixed" in out and "[stdout:0]" not in out
+    out, _, _, _ = run(ip, "%%pxone\nprint('cell')")
+    assert "[stdout:1] cell" in out
+    out, _, _, _ = run(ip, "%pxconfigone")
+    assert "%pxconfigone:" in out
+
+
+def _children():
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_first_px_without_a_view_starts_a_cluster(ip, px, rc):
+    before = _children()
+    saved = px.view
+    px.view = None
+    try:
+        out, err, _, result = run(ip, "%px import os; os.getpid()")
+        assert result.success, out + err
+        n = os.cpu_count()
+        assert f"started a cluster of {n} engines (one per core)" in out
+        assert px.view is not None and px.view.client is not rc
+        assert len(re.findall(r"Out\[\d+:\d+\]: \d+", out)) == n
+        with pytest.raises(UsageError, match="already active"):
+            ip.run_line_magic("farm", "start")
+        out, _, _, _ = run(ip, "%farm add 1")
+        assert f"added 1 engine, ids [{n}]; {n + 1} in all" in out
+    finally:
+        out, _, _, _ = run(ip, "%farm stop")
+        left = wait_until(lambda: not (_children() - before), 10)
+        kill_pids(_children() - before)
+        saved.activate()
+    assert "stopped the cluster" in out
+    assert left, "engines of the cluster %px started are still running"
+    out, _, _, _ = run(ip, "%farm status")
+    assert "2 engines" in out  # back on the module's cluster
+
+
+def test_farm_without_cluster(ip, px):
+    saved = px.view
+    px.view = None
+    try:
+        out, _, _, _ = run(ip, "%farm status")
+        assert "no cluster is active" in out
+        with pytest.raises(UsageError, match="no cluster is active"):
+            ip.run_line_magic("farm", "stop")
+        with pytest.raises(UsageError, match="-n must be at least 1"):
+            ip.run_line_magic("farm", "start -n 0")
+    finally:
+        px.view = saved
+
