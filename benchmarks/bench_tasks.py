@@ -211,8 +211,15 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--with-dask", action="store_true")
     parser.add_argument("--only", choices=["ipyfarm", "ipyparallel"])
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the standalone controller's memory through 100,000 tasks")
     args = parser.parse_args()
+    if args.memory_only:
+        args.only, args.with_dask = "memory", False
     libs = [args.only] if args.only else ["ipyfarm", "ipyparallel"]
+    if args.only == "memory":
+        print_memory(args.quick)
+        return
     results = {lib: measure(lib, args.quick) for lib in libs}
     n_tasks = 1000 if args.quick else 3000
     print(f"\nipyfarm task-farming benchmark, {date.today()}, {platform.node()}, "
@@ -235,11 +242,15 @@ def main() -> None:
     for scheme, us in decision_us().items():
         print(f"  {scheme:<12} {us:6.1f}")
     if not args.skip_memory:
-        mem = controller_memory(20_000 if args.quick else 100_000)
-        print("\nstandalone controller through {tasks} no-op tasks ({seconds:.0f} s): "
-              "base {base MB:.0f} MB, peak +{peak +MB:.1f} MB, after all done "
-              "+{done +MB:.1f} MB, after purge_results('all') +{after purge +MB:.1f} MB"
-              .format(**mem))
+        print_memory(args.quick)
+
+
+def print_memory(quick: bool) -> None:
+    mem = controller_memory(20_000 if quick else 100_000)
+    print("\nstandalone controller through {tasks} no-op tasks ({seconds:.0f} s): "
+          "base {base MB:.0f} MB, peak +{peak +MB:.1f} MB, after all done "
+          "+{done +MB:.1f} MB, after purge_results('all') +{after purge +MB:.1f} MB"
+          .format(**mem))
 
 
 if __name__ == "__main__":

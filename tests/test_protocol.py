@@ -150,3 +150,35 @@ def test_pure_layers_import_no_io():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in FORBIDDEN, f"{file} imports {name}"
+
+
+def test_replay_guard_remembers_the_last_n_signatures():
+    from ipyfarm.protocol.replay import ReplayGuard
+
+    guard = ReplayGuard(size=100)
+    sigs = [f"{i:064x}".encode() for i in range(1, 1001)]
+    for sig in sigs[:100]:
+        guard.add(sig)
+    assert all(sig in guard for sig in sigs[:100]) and len(guard) == 100
+    for sig in sigs[100:1000]:  # many rounds of forgetting (and table rebuilds)
+        guard.add(sig)
+        assert sig in guard
+    assert len(guard) == 100
+    assert all(sig in guard for sig in sigs[900:]) and not any(sig in guard for sig in sigs[:900])
+    guard.add(sigs[-1])  # adding a known one changes nothing
+    assert len(guard) == 100 and sigs[900] in guard
+    off = ReplayGuard(size=0)
+    off.add(sigs[0])
+    assert sigs[0] not in off
+
+
+def test_session_rejects_a_replay_after_many_messages():
+    from ipyfarm.protocol.session import FarmSession, SignatureError
+
+    s = FarmSession(key=b"k" * 32)
+    first = s.serialize(s.msg("x", {}))[1:]
+    s.deserialize(first)
+    for _ in range(500):
+        s.deserialize(s.serialize(s.msg("x", {}))[1:])
+    with pytest.raises(SignatureError, match="replayed"):
+        s.deserialize(first)

@@ -181,4 +181,7 @@ class MemoryTaskDB:
             ]
         for msg_id in victims:
             self.remove(msg_id)
+        if len(victims) > 1000:  # dicts never shrink by themselves: give their tables back
+            self._records = OrderedDict(self._records)
+            self._stored = OrderedDict(self._stored)
         return len(victims)

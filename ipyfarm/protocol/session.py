@@ -21,7 +21,6 @@ clients (``jupyter console --existing``) verify it as usual.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 import json
@@ -32,6 +31,8 @@ from typing import Any
 
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import DELIM, Session, extract_dates, json_packer
+
+from .replay import ReplayGuard
 
 __all__ = [
     "DELIM",
@@ -184,22 +185,16 @@ class FarmSession(Session):
         super().__init__(**kwargs)
         if self.packer == "json":
             self.pack = _pack
-        self._digest_order: collections.deque = collections.deque()
+        self._replay = ReplayGuard(self.digest_history_size)
 
     def _add_digest(self, signature: bytes) -> None:
-        """Remember a signature to reject replays; the oldest is forgotten first.
+        """Remember a signature to reject replays (the last ``digest_history_size``).
 
-        (jupyter_client forgets a random tenth now and then: that sorts the whole
-        history each time, and the survivors, spread over the heap, keep freed
-        memory from going back to the system.)
+        Kept in :class:`~ipyfarm.protocol.replay.ReplayGuard`'s flat arrays rather than
+        jupyter_client's set of bytes, whose survivors, spread over the heap, keep freed
+        memory from going back to the system (and whose culling sorts the whole set).
         """
-        if self.digest_history_size == 0:
-            return
-        self.digest_history.add(signature)
-        order = self._digest_order
-        order.append(signature)
-        while len(order) > self.digest_history_size:
-            self.digest_history.discard(order.popleft())
+        self._replay.add(signature)
 
     def send(  # type: ignore[override]
         self,
@@ -286,7 +281,7 @@ class FarmSession(Session):
             signature = frames_bytes(msg_list[0])
             if not signature:
                 raise SignatureError("unsigned message")
-            if signature in self.digest_history:
+            if signature in self._replay:
                 raise SignatureError("replayed message (duplicate signature)")
             if not hmac.compare_digest(signature, self.sign(head)):
                 raise SignatureError("invalid signature")
