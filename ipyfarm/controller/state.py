@@ -36,6 +36,8 @@ from .jobs import WAITING as PHASE_WAITING
 from .schemes import get_scheme
 
 UNMET = "UnmetDependency"
+# one string object for each task type, not one per record
+_MSG_TYPES = {t: t for t in ("apply_request", "execute_request")}
 
 
 class ControllerState:
@@ -207,7 +209,8 @@ class ControllerState:
         client = self._idents.setdefault(ev.client_ident, ev.client_ident)  # one per client
         self.clients.setdefault(client, ev.now)
         balanced = ev.engine_id is None
-        rec = TaskRecord(ev.msg_id, ev.msg_type, client, ev.engine_id, ev.now, ev.label,
+        rec = TaskRecord(ev.msg_id, _MSG_TYPES.get(ev.msg_type, ev.msg_type), client,
+                         ev.engine_id, ev.now, ev.label,
                          queue="task" if balanced else "mux", submitted_date=ev.date)
         self.db.add(rec)
         if ev.resubmit_of is not None:
@@ -452,8 +455,6 @@ class ControllerState:
         rec.started = ev.started
         rec.completed = ev.completed
         rec.received = ev.now
-        if ev.engine_uuid:
-            rec.engine_uuid = ev.engine_uuid
         if ev.status == "ok":
             eng.completed += 1
         else:
