@@ -125,8 +125,11 @@ def pool_rate(n: int) -> float:
 def dask_rate(n: int) -> float:
     from distributed import Client, LocalCluster
 
+    import logging
+
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as lc, Client(lc) as client:
+                      dashboard_address=None, silence_logs=logging.CRITICAL) as lc, \
+            Client(lc) as client:
         client.submit(noop, pure=False).result()
         t0 = time.perf_counter()
         futs = [client.submit(noop, i, pure=False) for i in range(n)]

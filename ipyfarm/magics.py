@@ -416,7 +416,7 @@ def _incomplete(cell: str) -> bool:
 
 
 def _alive(rc: Any) -> bool:
-    return not getattr(rc, "_closed", False) and not rc.hub_shut_down
+    return not rc.closed and not rc.hub_shut_down
 
 
 def _registered(shell: Any) -> list[ParallelMagics]:

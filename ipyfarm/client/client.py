@@ -99,6 +99,11 @@ class Client:
         with self._engines_changed:
             self._engines = {int(k): v for k, v in reply["engines"].items()}
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     # ------------------------------------------------------------------ engines
     @property
     def ids(self) -> list[int]:

@@ -184,7 +184,7 @@ class DirectView(View):
         """Run ``code`` as an IPython cell on each engine."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a string, not {type(code).__name__}")
-        content = {"code": code, "silent": silent, "store_history": False,
+        content = {"code": code, "silent": silent, "store_history": not silent,
                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": False}
         msg_ids = [self.client._send_task("execute_request", content, [], e)[0]
                    for e in self._targets(targets)]

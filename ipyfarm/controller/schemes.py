@@ -17,6 +17,7 @@ outstanding task count, ``last_used`` the dispatch counter when it last got work
 
 from __future__ import annotations
 
+import bisect
 import random
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -41,19 +42,30 @@ def plainrandom(slots: Sequence[Any], rng: random.Random) -> Any:
     return slots[rng.randrange(len(slots))]
 
 
+def _two(n: int, rng: random.Random) -> tuple[int, int]:
+    """Two distinct indices below ``n`` (n >= 2), uniformly."""
+    a = rng.randrange(n)
+    b = rng.randrange(n - 1)
+    return a, b + (b >= a)
+
+
 def twobin(slots: Sequence[Any], rng: random.Random) -> Any:
     if len(slots) == 1:
         return slots[0]
-    a, b = rng.sample(range(len(slots)), 2)
+    a, b = _two(len(slots), rng)
     return lru([slots[a], slots[b]], rng)
 
 
 def weighted(slots: Sequence[Any], rng: random.Random) -> Any:
     if len(slots) == 1:
         return slots[0]
-    weights = [1.0 / (1 + s.load) for s in slots]
-    a, b = rng.choices(range(len(slots)), weights=weights, k=2)
-    return leastload([slots[a], slots[b]], rng)
+    cum, total = [], 0.0
+    for s in slots:
+        total += 1.0 / (1 + s.load)
+        cum.append(total)
+    a = bisect.bisect_right(cum, rng.random() * total)
+    b = bisect.bisect_right(cum, rng.random() * total)
+    return leastload([slots[min(a, len(slots) - 1)], slots[min(b, len(slots) - 1)]], rng)
 
 
 SCHEMES: dict[str, Callable[[Sequence[Any], random.Random], Any]] = {
