@@ -382,3 +382,13 @@ def test_in_process_and_tcp_clients_side_by_side(rc):
     finally:
         tcp.close()
         ctx.term()
+
+
+def test_farm_status_snapshot(rc, lview):
+    lview.map_sync(lambda x: x, range(10), chunksize=1)
+    snap = wait_until(lambda: (lambda s: s if all(e["rss"] for e in s["engines"]) else None)(
+        rc.farm_status()), 5)
+    assert snap, "engines report their memory with each heartbeat"
+    assert {e["engine_id"] for e in snap["engines"] if e["state"] != "dead"} >= set(rc.ids)
+    assert snap["tasks"]["ok"] >= 10 and snap["finished"] >= snap["tasks"]["ok"]
+    assert snap["scheme"] == "leastload" and snap["hwm"] == 1

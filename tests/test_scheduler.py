@@ -403,3 +403,22 @@ def test_many_tasks_leave_no_bookkeeping_behind():
                     running[m] = e
     assert not s.pending and not s.ready and not s.waiting and not s._dependents
     assert len(s.db) == 2000
+
+
+def test_status_snapshot_counts_engines_and_tasks():
+    s = make(hwm=1)
+    s.handle(E.HeartbeatReceived(0.5, "u0", b"x", rss=50_000_000))
+    task(s, "a")
+    task(s, "b")
+    task(s, "c")
+    reply(s, 0, "a")
+    reply(s, 1, "b", status="error", ename="E")
+    s.handle(E.EngineProcessExited(3.0, 101, "h", -9))
+    snap = s.status_snapshot()
+    e0, e1 = snap["engines"]
+    assert e0["state"] == "busy" and e0["queue"] == 1 and e0["completed"] == 1
+    assert e0["rss"] == 50_000_000
+    assert e1["state"] == "dead" and e1["failed"] == 1 and "SIGKILL" in e1["lost_reason"]
+    assert snap["tasks"] == {"running": 1, "queued": 0, "waiting": 0, "ok": 1, "error": 1,
+                             "aborted": 0}
+    assert snap["dispatched"] == 3 and snap["finished"] == 2

@@ -485,6 +485,13 @@ class Client:
             ar.wait()
         return ar
 
+    def farm_status(self) -> dict:
+        """A snapshot of the farm for dashboards: ``engines`` (id, hostname, pid, state
+        idle/busy/dead, queue, completed, failed, rss, lost_reason), ``tasks`` (running,
+        queued, waiting, ok, error, aborted), ever-growing ``dispatched`` / ``finished``
+        counters (their change over time is the throughput), ``scheme``, ``hwm``."""
+        return self._hub_request("status_request", {})["farm"]
+
     def db_query(self, query: dict, keys: list | None = None) -> list[dict]:
         """Task records matching ``query`` (ipyparallel's operators: ``$lt``, ``$gt``,
         ``$lte``, ``$gte``, ``$eq``, ``$ne``, ``$in``, ``$nin``, ``$glob``)."""

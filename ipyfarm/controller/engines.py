@@ -23,6 +23,7 @@ class EngineState:
     failed: int = 0
     last_used: int = 0
     lost_reason: str = ""
+    rss: int | None = None  # resident memory, from its heartbeats
 
     @property
     def load(self) -> int:

@@ -26,6 +26,7 @@ class RegistrationRequested(Event):
 class HeartbeatReceived(Event):
     uuid: str
     ident: bytes
+    rss: int | None = None  # the engine's resident memory, bytes, when it says
 
 
 @dataclass(slots=True)

@@ -348,7 +348,9 @@ class Hub:
         if msg_type == "registration_request":
             ev: E.Event = E.RegistrationRequested(now, content["uuid"], ident, content)
         elif msg_type == "heartbeat_request":
-            ev = E.HeartbeatReceived(now, content["uuid"], ident)
+            rss = content.get("rss")
+            ev = E.HeartbeatReceived(now, content["uuid"], ident,
+                                     rss if isinstance(rss, int) else None)
         elif msg_type == "unregistration_request":
             ev = E.EngineUnregistered(now, content["uuid"])
         else:
@@ -521,6 +523,10 @@ class Hub:
             self._submit(ident, new_header, frames, now, resubmit_of=old_id)
         self._reply(ident, header, "resubmit_reply",
                     {"status": "ok", "resubmitted": resubmitted})
+
+    def _q_status_request(self, ident: bytes, header: dict, content: dict) -> None:
+        self._reply(ident, header, "status_reply",
+                    {"status": "ok", "farm": self.state.status_snapshot()})
 
     def _q_db_request(self, ident: bytes, header: dict, content: dict) -> None:
         try:

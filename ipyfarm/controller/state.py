@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from . import commands as C
@@ -77,6 +77,7 @@ class ControllerState:
                           if isinstance(cls, type) and issubclass(cls, E.Event)
                           and hasattr(self, "_on_" + cls.__name__)}
         self._dispatches = 0
+        self.finished: Counter = Counter()  # tasks ended, by status, since the start
         self._now = 0.0
 
     # ------------------------------------------------------------------ dispatch
@@ -129,7 +130,10 @@ class ControllerState:
         engine_id = self._by_uuid.get(ev.uuid)
         if engine_id is None or not self.engines[engine_id].alive:
             return [C.ReplyHeartbeat(ev.ident, known=False)]
-        self.engines[engine_id].last_beat = ev.now
+        eng = self.engines[engine_id]
+        eng.last_beat = ev.now
+        if ev.rss is not None:
+            eng.rss = ev.rss
         return [C.ReplyHeartbeat(ev.ident, known=True)]
 
     def _on_EngineUnregistered(self, ev: E.EngineUnregistered) -> list[C.Command]:
@@ -415,6 +419,7 @@ class ControllerState:
         self.pending.pop(rec.msg_id, None)
         self.waiting.pop(rec.msg_id, None)
         rec.status = status
+        self.finished[status] += 1
         self.db.store_request(rec, job.frames, job.nbytes)
         self.db.finish(rec)
         self._release_dependents(rec.msg_id, out)
@@ -529,6 +534,32 @@ class ControllerState:
         unassigned = [j.msg_id for j in self.ready] + list(self.waiting)
         out["unassigned"] = unassigned if verbose else len(unassigned)
         return out
+
+    def status_snapshot(self) -> dict:
+        """What a dashboard shows: engines with their load and counts, task totals.
+
+        ``dispatched`` and ``finished`` only grow: a viewer turns their change between
+        two snapshots into a rate.
+        """
+        engines = []
+        for e in self.engines.values():
+            state = "dead" if not e.alive else ("busy" if e.outstanding else "idle")
+            engines.append({
+                "engine_id": e.engine_id, "hostname": e.hostname, "pid": e.pid,
+                "state": state, "queue": len(e.outstanding), "completed": e.completed,
+                "failed": e.failed, "rss": e.rss, "lost_reason": e.lost_reason})
+        running = sum(len(e.outstanding) for e in self._live)
+        return {
+            "engines": engines,
+            "tasks": {"running": running, "queued": len(self.ready),
+                      "waiting": len(self.waiting), "ok": self.finished["ok"],
+                      "error": self.finished["error"], "aborted": self.finished["aborted"]},
+            "dispatched": self._dispatches,
+            "finished": sum(self.finished.values()),
+            "scheme": self.scheme_name,
+            "hwm": self.hwm,
+            "now": self._now,
+        }
 
     def history(self) -> list[str]:
         return [r.msg_id for r in self.db]

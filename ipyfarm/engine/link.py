@@ -7,7 +7,7 @@ ROUTER (docs/protocol.md, "Engine life")::
     registration_request {uuid, ...}   ──►
                                        ◄──   registration_reply {status, engine_id,
                                                                 heartbeat_period}
-    heartbeat_request {uuid}  (every heartbeat_period)
+    heartbeat_request {uuid, rss}  (every heartbeat_period; rss: resident bytes)
                                        ◄──   heartbeat_reply {status: "ok" | "unknown"}
     unregistration_request {uuid}      ──►   (clean exit)
 
@@ -35,6 +35,15 @@ __all__ = ["ControllerLink", "RegistrationError"]
 #: MIN_SILENCE seconds
 MISSED_BEATS = 10
 MIN_SILENCE = 10.0
+
+
+def _rss() -> int | None:
+    """This process's resident memory in bytes (Linux), or None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class RegistrationError(RuntimeError):
@@ -186,7 +195,8 @@ class ControllerLink:
         while True:
             now = time.monotonic()
             if now >= next_beat:
-                self.session.send(sock, "heartbeat_request", {"uuid": self.uuid})
+                self.session.send(sock, "heartbeat_request",
+                                  {"uuid": self.uuid, "rss": _rss()})
                 next_beat = now + period
             readable, woken = self._poll(sock, min(next_beat, last_reply + silence_limit) - now)
             if woken:

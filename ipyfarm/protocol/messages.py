@@ -75,6 +75,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "resubmit_request": {"msg_ids": _ids},
     "resubmit_reply": {"status": (str,)},
     "db_request": {"query": (dict,)},
+    "status_request": {},
+    "status_reply": {"status": (str,)},
     "db_reply": {"status": (str,)},
     "hub_abort_request": {"msg_ids": (list, type(None)), "targets": (list, type(None))},
     "hub_abort_reply": {"status": (str,)},
