@@ -236,14 +236,14 @@ def test_bad_flags_fail_at_once(lview):
 # ---------------------------------------------------------------- abort, resubmit, status
 
 def test_abort_queued_tasks(rc, lview):
-    busy = [lview.apply_async(slow, 0.8) for _ in rc.ids]
+    busy = [lview.apply_async(slow, 1.5) for _ in rc.ids]  # the queue holds meanwhile
     queued = [lview.apply_async(lambda: "ran") for _ in range(3)]
     assert wait_until(lambda: rc.queue_status()["unassigned"] >= 3, 5)
     queued[1].abort()
     with pytest.raises(error.TaskAborted):
         queued[1].get(5)
     assert [queued[0].get(10), queued[2].get(10)] == ["ran", "ran"]
-    assert [b.get(10) for b in busy] == [0.8] * len(busy)
+    assert [b.get(10) for b in busy] == [1.5] * len(busy)
 
 
 def test_resubmit_and_label(rc, lview):
@@ -351,7 +351,7 @@ def test_db_query_by_time_range(rc, lview):
 
 
 def test_aborted_task_error_has_remote_fields(rc, lview):
-    busy = [lview.apply_async(slow, 0.5) for _ in rc.ids]
+    busy = [lview.apply_async(slow, 1.5) for _ in rc.ids]
     queued = lview.apply_async(lambda: 1)
     queued.abort()
     with pytest.raises(error.TaskAborted) as info:
