@@ -422,3 +422,21 @@ def test_status_snapshot_counts_engines_and_tasks():
     assert snap["tasks"] == {"running": 1, "queued": 0, "waiting": 0, "ok": 1, "error": 1,
                              "aborted": 0}
     assert snap["dispatched"] == 3 and snap["finished"] == 2
+
+
+def test_a_task_that_kills_three_engines_is_not_rerun():
+    s = make(hwm=1, engines=4)
+    task(s, "poison", retries=99)  # the oldest seed's canonical bad example
+    killed = []
+    for _ in range(4):
+        eng = s.record("poison").engine_id
+        if eng is None:
+            break
+        killed.append(eng)
+        cmds = s.handle(E.EngineProcessExited(2.0, 100 + eng, "h", -9))
+        f = failed(cmds)
+        if f:
+            break
+    assert len(killed) == 3
+    assert f["poison"][0] == "EngineError" and "3 engines that died" in f["poison"][1]
+    assert len(s.live_ids()) == 1

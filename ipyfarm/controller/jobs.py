@@ -41,6 +41,7 @@ class Job:
     tried: set = field(default_factory=set)  # engines it failed on: retry elsewhere
     blacklist: set = field(default_factory=set)  # engines that raised UnmetDependency
     attempts: int = 0
+    kills: int = 0  # engines that died while running it
     timed: bool = False  # its deadline is in the controller's timer heap
 
     @property

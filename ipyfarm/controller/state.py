@@ -60,6 +60,7 @@ class ControllerState:
         self.scheme_name = scheme
         self.scheme = get_scheme(scheme)
         self.hwm = hwm
+        self.poison_kills = 3  # a task that took down this many engines is not rerun
         self.rng = random.Random(seed)
         self.engines: dict[int, EngineState] = {}
         self._by_uuid: dict[str, int] = {}
@@ -177,6 +178,13 @@ class ControllerState:
             if job is None:
                 continue
             eng.failed += 1
+            job.kills += 1
+            if job.kills >= self.poison_kills:
+                self._fail(job, "EngineError",
+                           f"task {msg_id} was running on {job.kills} engines that died "
+                           f"(the last: engine {engine_id}, {reason}); it is likely what "
+                           "kills them, so it is not rerun again whatever its retries.", out)
+                continue
             if job.balanced and job.retries > 0:
                 job.retries -= 1
                 job.tried.add(engine_id)
