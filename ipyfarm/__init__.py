@@ -40,6 +40,15 @@ def load_ipython_extension(ip):
     load(ip)
 
 
+def __getattr__(name: str):
+    # the dashboard imports ipywidgets: only when asked for
+    if name == "Dashboard":
+        from .widgets.dashboard import Dashboard
+
+        return Dashboard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 version_info = (0, 1, 0)
 

@@ -10,7 +10,6 @@ value, errors raise (several as :class:`~ipyfarm.error.CompositeError`).
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -235,17 +234,10 @@ class AsyncResult(Future):
         display_outputs(self._metadatas(), groupby)
 
     def wait_interactive(self, interval: float = 0.1, timeout: float | None = -1) -> None:
-        """Wait, printing a progress line in a terminal."""
-        limit = _timeout(timeout)
-        start = time.monotonic()
-        n = len(self)
-        while not self.wait(interval):
-            done = self.progress
-            sys.stdout.write(f"\r{done}/{n} tasks finished after {time.monotonic() - start:.0f}s")
-            sys.stdout.flush()
-            if limit is not None and time.monotonic() - start > limit:
-                break
-        sys.stdout.write(f"\r{self.progress}/{n} tasks finished after {self.elapsed:.1f}s\n")
+        """Wait, showing progress: a widget bar in a notebook, a text line in a terminal."""
+        from ..widgets.progress import wait_interactive
+
+        wait_interactive(self, interval, _timeout(timeout))
 
 
 def _metadata_property(key: str) -> property:
