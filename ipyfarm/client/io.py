@@ -62,9 +62,9 @@ class ClientIO(threading.Thread):
 
     def _deliver(self, frames: list) -> None:
         """From the hub's thread: queue a message; wake the I/O thread once per burst."""
-        was_empty = not self._inbox
-        self._inbox.append(frames)
-        if was_empty:
+        inbox = self._inbox
+        inbox.append(frames)
+        if len(inbox) == 1:  # append first: see Hub.post_client
             with self._wake_lock:
                 if not self._stopping:
                     self._wake.send(b"")

@@ -166,9 +166,12 @@ class Hub:
 
     def post_client(self, frames: list) -> None:
         """A message from a client of this process (any thread)."""
-        was_empty = not self._client_inbox
-        self._client_inbox.append(frames)
-        if was_empty:  # the hub drains the inbox until empty: one wake-up per burst
+        inbox = self._client_inbox
+        inbox.append(frames)
+        # the hub drains the inbox until it sees it empty, so only the message that
+        # makes it non-empty needs a wake-up (append first: checking emptiness before
+        # appending races with the hub's last look)
+        if len(inbox) == 1:
             with self._post_lock:
                 self.wake_push.send(b"", zmq.NOBLOCK)
 
