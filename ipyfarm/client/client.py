@@ -25,6 +25,7 @@ from .. import error
 from ..protocol.serialize import loads
 from ..protocol.session import FarmSession, parse_date, split_identities
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata
+from .comms import CommBridge
 from .connect import find_connection_info
 from .display import ExecuteReply
 from .io import ClientIO
@@ -34,6 +35,7 @@ __all__ = ["Client"]
 _IOPUB = frozenset({"stream", "display_data", "update_display_data", "execute_result",
                     "error", "clear_output"})
 _REPLIES = frozenset({"apply_reply", "execute_reply"})
+_COMMS = frozenset({"comm_open", "comm_msg", "comm_close"})
 
 
 def _aware_dates(value: Any) -> Any:
@@ -77,6 +79,7 @@ class Client:
         self._closed = False
         self.hub_shut_down = False
         self.block = False
+        self._comms = CommBridge(self)
         self.context = context or zmq.Context.instance()
         url = info["client"]
         hub = None
@@ -234,6 +237,11 @@ class Client:
         tracker = self._io.send(frames, track)
         return msg_id, tracker
 
+    def _send_comm(self, msg_type: str, content: dict, buffers: list) -> None:
+        """A frontend's message for a comm an engine opened (see :mod:`.comms`)."""
+        msg = self.session.msg(msg_type, content=content)
+        self._io.send(self.session.serialize_with_buffers(msg, None, list(buffers)))
+
     def _hub_request(self, msg_type: str, content: dict, timeout: float | None = 10) -> dict:
         """Send a request to the controller and wait for its reply content."""
         self._check_open()
@@ -273,6 +281,8 @@ class Client:
             with self._engines_changed:
                 self._engines.pop(msg["content"]["engine_id"], None)
                 self._engines_changed.notify_all()
+        elif mt in _COMMS:
+            self._comms.from_engine(msg)
         elif mt == "hub_shutdown_notification":
             self.hub_shut_down = True
         else:

@@ -37,6 +37,7 @@ from .wire import RateLimitedLog, compact, epoch, frames_nbytes, send_frames, ta
 log = logging.getLogger("ipyfarm.controller")
 
 TASK_TYPES = frozenset({"execute_request", "apply_request"})
+COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
 IOPUB_RELAYED = frozenset(
     {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output"}
 )
@@ -83,6 +84,10 @@ class Hub:
         # clients in this process: their messages come and go as frame lists, no sockets
         self._local: dict[bytes, Callable[[list], None]] = {}  # receiving ident -> deliver
         self._client_inbox: collections.deque = collections.deque()
+        # widgets made on engines: comm_id -> (client ident, engine id) of the task that
+        # opened the comm; the engine's comm messages go to that client, and the
+        # client's (from its notebook's frontend) to that engine
+        self._comms: dict[str, tuple[bytes, int]] = {}
         self._post_lock = threading.Lock()
         self._stop = threading.Event()
         self.stopped = threading.Event()
@@ -311,6 +316,9 @@ class Hub:
         content = self._content(msg_type, rest, "a client request")
         if content is None:
             return
+        if msg_type in COMM_TYPES:
+            self._forward_comm(ident, msg_type, rest, content)
+            return
         handler = getattr(self, "_q_" + msg_type, None)
         if handler is None:
             self.dropped["unknown"] += 1
@@ -438,12 +446,45 @@ class Hub:
         if decoded is None:
             return
         _, rest, header = decoded
+        if header["msg_type"] in COMM_TYPES:
+            self._relay_comm(header["msg_type"], rest)
+            return
         if header["msg_type"] not in IOPUB_RELAYED:
             return
         parent = self.session.unpack(rest[2].bytes)
         rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) else None
         if rec is not None:
             self._to_client([rec.client_ident, DELIM, *rest])
+
+    def _relay_comm(self, msg_type: str, rest: list) -> None:
+        """An engine's comm message (an ipywidget's, say) to the client that owns the comm."""
+        content = self.session.unpack(rest[4].bytes)
+        comm_id = content.get("comm_id") if isinstance(content, dict) else None
+        if not isinstance(comm_id, str):
+            return
+        if msg_type == "comm_open":
+            parent = self.session.unpack(rest[2].bytes)
+            rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) \
+                else None
+            if rec is None or rec.engine_id is None:
+                return
+            self._comms[comm_id] = (rec.client_ident, rec.engine_id)
+        owner = self._comms.get(comm_id)
+        if owner is None:
+            return
+        if msg_type == "comm_close":
+            del self._comms[comm_id]
+        self._to_client([owner[0], DELIM, *rest])
+
+    def _forward_comm(self, ident: bytes, msg_type: str, rest: list, content: dict) -> None:
+        """A client's comm message for an engine's comm: straight to that engine's shell."""
+        owner = self._comms.get(content.get("comm_id", ""))
+        socks = self._engine_socks.get(owner[1]) if owner else None
+        if socks is None:
+            return
+        send_frames(socks[0], [ident, DELIM, *rest])
+        if msg_type == "comm_close":
+            self._comms.pop(content["comm_id"], None)
 
     # ------------------------------------------------------------------ hub queries
     def _reply(self, ident: bytes, header: dict, msg_type: str, content: dict,

@@ -76,6 +76,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "resubmit_reply": {"status": (str,)},
     "db_request": {"query": (dict,)},
     "status_request": {},
+    # a notebook frontend -> an engine's comm (ipywidgets made on engines), and back
+    "comm_open": {"comm_id": (str,)},
+    "comm_msg": {"comm_id": (str,)},
+    "comm_close": {"comm_id": (str,)},
     "status_reply": {"status": (str,)},
     "db_reply": {"status": (str,)},
     "hub_abort_request": {"msg_ids": (list, type(None)), "targets": (list, type(None))},
