@@ -237,6 +237,15 @@ class ParallelMagics(Magics):
 
     # ------------------------------------------------------------------ the view
     def _active_view(self) -> Any:
+        if self.view is None and not self.suffix:
+            from .client.client import latest_client
+
+            rc = latest_client()  # a Client made in this session activates the magics
+            if rc is not None:
+                self.view = rc[:]
+                _print_now(f"ipyfarm: %px runs on the {len(rc.ids)} engines of the Client "
+                           "created in this session (rc[:].activate() picks another)")
+                return self.view
         if self.view is None:
             farm = _farm_magics(self.shell)
             if farm is None or self.suffix:

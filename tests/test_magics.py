@@ -295,7 +295,22 @@ def _children():
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def test_first_px_without_a_view_starts_a_cluster(ip, px, rc):
+def test_a_client_made_in_the_session_activates_px(ip, px, rc):
+    saved = px.view
+    px.view = None
+    try:
+        out, err, _, result = run(ip, "%px import os; os.getpid()")
+        assert result.success, out + err
+        assert "runs on the 2 engines of the Client created in this session" in out
+        assert px.view is not None and px.view.client is rc
+    finally:
+        px.view = saved
+
+
+def test_first_px_without_a_view_starts_a_cluster(ip, px, rc, monkeypatch):
+    from ipyfarm.client import client as client_module
+
+    monkeypatch.setattr(client_module, "latest_client", lambda: None)  # no Client yet
     before = _children()
     saved = px.view
     px.view = None

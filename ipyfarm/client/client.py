@@ -12,6 +12,7 @@ import os
 import signal as _signal
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from datetime import datetime
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -47,6 +48,18 @@ def _aware_dates(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_aware_dates(v) for v in value]
     return value
+
+
+_created: list = []  # weak references to the clients of this process, oldest first
+
+
+def latest_client() -> Client | None:
+    """The most recently created Client of this process that is still open, or None."""
+    for ref in reversed(_created):
+        rc = ref()
+        if rc is not None and not rc.closed and not rc.hub_shut_down:
+            return rc
+    return None
 
 
 class Client:
@@ -101,6 +114,8 @@ class Client:
             ) from None
         with self._engines_changed:
             self._engines = {int(k): v for k, v in reply["engines"].items()}
+        _created[:] = [r for r in _created if r() is not None]
+        _created.append(weakref.ref(self))
 
     @property
     def closed(self) -> bool:
