@@ -353,11 +353,23 @@ class Client:
             return  # the reply's metadata is authoritative once it is in
         mt, content = msg["msg_type"], msg["content"]
         if mt == "stream":
+            # live text is capped as the engine caps its reply's (EngineSession.
+            # max_output_text): a task printing 50 MB must not grow this process by 50 MB
+            limit = 2**20
             name = content.get("name", "stdout")
-            md[name] = md.get(name, "") + content.get("text", "")
+            have = md.get(name) or ""
+            room = limit - len(have)
+            if room <= 0:
+                return  # full, marker written; the reply brings what the engine kept
+            text = content.get("text", "")
+            if len(text) > room:
+                text = (text[:room] + f"\n[ipyfarm: output truncated: live {name} beyond "
+                        f"{limit} characters was not kept]\n")
+            md[name] = have + text
         elif mt == "display_data":
-            md["outputs"].append({"data": content.get("data", {}),
-                                  "metadata": content.get("metadata", {})})
+            if len(md["outputs"]) < 1000:  # as the engine's EngineSession.max_outputs
+                md["outputs"].append({"data": content.get("data", {}),
+                                      "metadata": content.get("metadata", {})})
         elif mt == "execute_result":
             md["execute_result"] = content
         elif mt == "error":

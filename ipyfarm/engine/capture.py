@@ -5,6 +5,11 @@ stderr from the iopub thread, displays and errors from the main thread). While a
 is being captured (``OutputCapture.begin(msg_id)``), the ``stream``, ``display_data``,
 ``execute_result`` and ``error`` messages whose parent is that request are also recorded,
 then ``end(msg_id)`` hands them back for the reply's metadata. Publishing is unchanged.
+
+What is kept per request is capped (``EngineSession.max_output_text`` characters per
+stream, ``EngineSession.max_outputs`` display outputs), so a task that prints 50 MB makes
+a reply of about 1 MiB, not 50 MB in the engine, the controller's records and the
+client. Cut text ends with :func:`truncation_marker`; the rest was still published live.
 """
 
 from __future__ import annotations
@@ -13,31 +18,100 @@ from typing import Any
 
 from ipykernel.iostream import OutStream
 from jupyter_client.session import extract_dates
+from traitlets import Integer, observe
 
 from ipyfarm.protocol.session import FarmSession, frames_bytes
 
-__all__ = ["CAPTURED_TYPES", "Captured", "EngineOutStream", "EngineSession", "OutputCapture"]
+__all__ = [
+    "CAPTURED_TYPES",
+    "MAX_OUTPUTS",
+    "MAX_OUTPUT_TEXT",
+    "Captured",
+    "CappedText",
+    "EngineOutStream",
+    "EngineSession",
+    "OutputCapture",
+    "truncation_marker",
+]
 
 CAPTURED_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
 
+MAX_OUTPUT_TEXT = 2**20  # characters kept per stream per request
+MAX_OUTPUTS = 1000  # display outputs kept per request
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def truncation_marker(name: str, dropped_bytes: int) -> str:
+    """The line that ends a stream's kept text when the rest was not kept."""
+    return (f"\n[ipyfarm: output truncated: {_size(dropped_bytes)} more of {name} "
+            "were not kept]\n")
+
+
+class CappedText:
+    """Text of one stream: the first ``limit`` characters kept, the rest only counted."""
+
+    __slots__ = ("name", "limit", "_parts", "_kept", "dropped")
+
+    def __init__(self, name: str, limit: int = MAX_OUTPUT_TEXT) -> None:
+        self.name = name
+        self.limit = max(0, limit)
+        self._parts: list[str] = []
+        self._kept = 0
+        self.dropped = 0  # UTF-8 bytes not kept
+
+    def add(self, text: str) -> None:
+        room = self.limit - self._kept
+        if len(text) <= room:
+            self._parts.append(text)
+            self._kept += len(text)
+            return
+        if room > 0:
+            self._parts.append(text[:room])
+            self._kept += room
+            text = text[room:]
+        self.dropped += _utf8_len(text)
+
+    def value(self) -> str:
+        kept = "".join(self._parts)
+        if self.dropped:
+            kept += truncation_marker(self.name, self.dropped)
+        return kept
+
 
 class Captured:
-    """Outputs of one request, in the shape of the reply metadata."""
+    """Outputs of one request, in the shape of the reply metadata, within the caps."""
 
-    __slots__ = ("_stdout", "_stderr", "outputs", "execute_result", "error")
+    __slots__ = ("_stdout", "_stderr", "outputs", "max_outputs", "dropped_outputs",
+                 "execute_result", "error")
 
-    def __init__(self) -> None:
-        self._stdout: list[str] = []
-        self._stderr: list[str] = []
+    def __init__(self, max_text: int = MAX_OUTPUT_TEXT, max_outputs: int = MAX_OUTPUTS) -> None:
+        self._stdout = CappedText("stdout", max_text)
+        self._stderr = CappedText("stderr", max_text)
         self.outputs: list[dict] = []
+        self.max_outputs = max(0, max_outputs)
+        self.dropped_outputs = 0
         self.execute_result: dict | None = None
         self.error: dict | None = None
 
     def add(self, msg_type: str, content: dict) -> None:
         if msg_type == "stream":
             target = self._stderr if content.get("name") == "stderr" else self._stdout
-            target.append(content.get("text", ""))
+            text = content.get("text", "")
+            target.add(text if isinstance(text, str) else str(text))
         elif msg_type == "display_data":
+            if len(self.outputs) >= self.max_outputs:
+                self.dropped_outputs += 1
+                return
             self.outputs.append(
                 {"data": content.get("data", {}), "metadata": content.get("metadata", {})}
             )
@@ -51,10 +125,15 @@ class Captured:
             self.error = content
 
     def as_metadata(self) -> dict[str, Any]:
+        outputs = self.outputs
+        if self.dropped_outputs:
+            note = (f"[ipyfarm: output truncated: {self.dropped_outputs} more display "
+                    f"outputs were not kept (limit {self.max_outputs})]")
+            outputs = [*outputs, {"data": {"text/plain": note}, "metadata": {}}]
         return {
-            "stdout": "".join(self._stdout),
-            "stderr": "".join(self._stderr),
-            "outputs": self.outputs,
+            "stdout": self._stdout.value(),
+            "stderr": self._stderr.value(),
+            "outputs": outputs,
             "execute_result": self.execute_result,
             "error": self.error,
         }
@@ -63,11 +142,13 @@ class Captured:
 class OutputCapture:
     """Requests being captured, by msg_id. Safe to feed from several threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_text: int = MAX_OUTPUT_TEXT, max_outputs: int = MAX_OUTPUTS) -> None:
         self.active: dict[str, Captured] = {}
+        self.max_text = max_text
+        self.max_outputs = max_outputs
 
     def begin(self, msg_id: str) -> Captured:
-        captured = self.active[msg_id] = Captured()
+        captured = self.active[msg_id] = Captured(self.max_text, self.max_outputs)
         return captured
 
     def end(self, msg_id: str) -> Captured:
@@ -82,9 +163,24 @@ class OutputCapture:
 class EngineSession(FarmSession):
     """The engine's :class:`FarmSession`: records captured outputs as it sends them."""
 
+    max_output_text = Integer(
+        MAX_OUTPUT_TEXT,
+        help="characters of stdout (and of stderr) kept per task for its reply; the rest "
+             "is still published live, then replaced by a truncation marker",
+    ).tag(config=True)
+    max_outputs = Integer(
+        MAX_OUTPUTS, help="display outputs kept per task for its reply"
+    ).tag(config=True)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.capture = OutputCapture()
+        self.capture = OutputCapture(self.max_output_text, self.max_outputs)
+
+    @observe("max_output_text", "max_outputs")
+    def _limits_changed(self, change: Any) -> None:
+        if hasattr(self, "capture"):  # applies to requests captured from now on
+            self.capture.max_text = self.max_output_text
+            self.capture.max_outputs = self.max_outputs
 
     def deserialize(  # type: ignore[override]
         self, msg_list: list, content: bool = True, copy: bool = True
