@@ -440,3 +440,131 @@ def test_a_task_that_kills_three_engines_is_not_rerun():
     assert len(killed) == 3
     assert f["poison"][0] == "EngineError" and "3 engines that died" in f["poison"][1]
     assert len(s.live_ids()) == 1
+
+
+# ---------------------------------------------------------------- time limits
+
+def timer(s, now):
+    return s.handle(E.TimerFired(now))
+
+
+def signals(cmds):
+    return [(c.engine_id, c.content["signum"]) for c in cmds
+            if isinstance(c, C.SendControl) and c.msg_type == "signal_request"]
+
+
+def test_a_task_past_its_time_limit_is_interrupted_and_fails_with_task_timeout():
+    s = make(hwm=1)
+    assert dispatched(task(s, "slow", now=1.0, time_limit=2.0)) == [("slow", 0)]
+    assert s.next_deadline() == 3.0  # the clock starts at dispatch
+    assert timer(s, 2.9) == []
+    cmds = timer(s, 3.0)
+    assert signals(cmds) == [(0, 2)] and kinds(cmds) == ["SendControl"]
+    assert s.next_deadline() == 4.0  # grace: max(limit_grace=1.0, 0.1 * 2.0)
+    cmds = reply(s, 0, "slow", "error", now=3.1, ename="KeyboardInterrupt")
+    ename, evalue = failed(cmds)["slow"]
+    assert ename == "TaskTimeout" and "time limit of 2 s" in evalue
+    assert "interrupted (SIGINT) at 2.0 s" in evalue and "KeyboardInterrupt" in evalue
+    assert "DeliverResult" not in kinds(cmds)
+    assert s.record("slow").ename == "TaskTimeout"
+    assert s.live_ids() == [0, 1]  # the engine lives on
+    assert s.next_deadline() is None and timer(s, 5.0) == []  # nothing left to kill
+
+
+def test_a_task_that_ignores_the_interrupt_has_its_engine_killed_and_is_not_retried():
+    s = make(hwm=1, engines=3)
+    s.handle(E.TaskSubmitted(1.0, "d2", b"c1", "apply_request", 0, ["f"]))  # queued behind
+    cmds = task(s, "stuck", now=1.0, time_limit=10.0, retries=5, targets=[0])
+    assert dispatched(cmds) == []  # engine 0 is busy with d2 (hwm=1)
+    s.handle(E.TaskSubmitted(1.0, "d3", b"c1", "apply_request", 1, ["f"]))
+    reply(s, 0, "d2", now=2.0)
+    assert s.record("stuck").engine_id == 0
+    assert s.next_deadline() == 12.0  # counted from when it started, not submitted
+    s.handle(E.HeartbeatReceived(11.0, "u0", b"id-u0"))
+    s.handle(E.HeartbeatReceived(11.0, "u1", b"id-u1"))
+    s.handle(E.HeartbeatReceived(11.0, "u2", b"id-u2"))
+    assert signals(timer(s, 12.0)) == [(0, 2)]
+    assert timer(s, 12.5) == []
+    cmds = timer(s, 13.0)  # grace: max(1.0, 0.1 * 10) = 1 s, and no reply
+    kills = [(c.engine_id, c.pid) for c in cmds if isinstance(c, C.KillEngine)]
+    assert kills == [(0, 100)]
+    ename, evalue = failed(cmds)["stuck"]
+    assert ename == "TaskTimeout" and "engine 0 (pid 100) was killed" in evalue
+    assert "not rerun" in evalue and dispatched(cmds) == []
+    assert s.live_ids() == [1, 2]
+    # the engine's exit, reported later, changes nothing; a late reply is dropped
+    assert s.handle(E.EngineProcessExited(13.2, 100, "h", -9)) == []
+    assert reply(s, 0, "stuck", "error", now=13.3) == []
+
+
+def test_other_tasks_on_a_killed_engine_follow_the_engine_death_rules():
+    s = make(hwm=0, engines=2)
+    task(s, "stuck", now=1.0, time_limit=1.0, targets=[0])
+    task(s, "next", now=1.0, retries=1, targets=[0, 1])  # hwm=0: leastload puts it on 1
+    s.handle(E.TaskSubmitted(1.0, "direct", b"c1", "apply_request", 0, ["f"]))
+    assert s.queue_status()[0]["queue"] == 1
+    timer(s, 2.0)
+    cmds = timer(s, 3.0)
+    f = failed(cmds)
+    assert f["stuck"][0] == "TaskTimeout"
+    assert f["direct"][0] == "EngineError" and "ran past its time limit" in f["direct"][1]
+
+
+def test_an_interrupted_task_whose_engine_then_dies_is_not_retried():
+    s = make(hwm=1)
+    task(s, "slow", now=1.0, time_limit=1.0, retries=3)
+    timer(s, 2.0)
+    cmds = s.handle(E.EngineProcessExited(2.5, 100, "h", -2))
+    ename, evalue = failed(cmds)["slow"]
+    assert ename == "TaskTimeout" and "then engine 0 died" in evalue
+    assert dispatched(cmds) == []
+
+
+def test_a_task_that_finishes_in_time_or_after_the_interrupt_keeps_its_result():
+    s = make(hwm=1)
+    task(s, "quick", now=1.0, time_limit=5.0)
+    assert kinds(reply(s, 0, "quick", now=2.0)) == ["DeliverResult"]
+    assert timer(s, 7.0) == [] and s.next_deadline() is None
+    task(s, "close", now=7.0, time_limit=1.0)
+    eng = s.record("close").engine_id
+    assert signals(timer(s, 8.0)) == [(eng, 2)]
+    # its reply crossed the interrupt: it finished, so its result is delivered
+    assert kinds(reply(s, eng, "close", now=8.01)) == ["DeliverResult"]
+    assert s.record("close").status == "ok"
+
+
+def test_no_time_limit_means_no_deadline_and_no_interrupt():
+    s = make(hwm=1)
+    task(s, "t", now=1.0)
+    s.handle(E.TaskSubmitted(1.0, "d", b"c1", "apply_request", 1, ["f"], time_limit=None))
+    assert s.next_deadline() is None
+    assert timer(s, 9.0) == []
+
+
+def test_time_limit_counts_a_retry_from_its_new_start():
+    s = make(hwm=1)
+    task(s, "t", now=1.0, time_limit=3.0, retries=1)
+    eng = s.record("t").engine_id
+    cmds = reply(s, eng, "t", "error", now=2.0, ename="ValueError")  # an ordinary error
+    assert dispatched(cmds) == [("t", 1 - eng)]  # retried elsewhere
+    assert s.next_deadline() == 5.0  # 2.0 + 3.0, the first clock is gone
+    assert timer(s, 4.0) == []
+    assert signals(timer(s, 5.0)) == [(1 - eng, 2)]
+
+
+def test_the_limit_and_the_dependency_timeout_share_the_timer():
+    s = make(hwm=1, engines=1)
+    task(s, "a", now=1.0, time_limit=4.0)
+    task(s, "b", now=1.0, timeout=2.0, after=DepSpec(frozenset({"a"})))
+    assert s.next_deadline() == 3.0  # b's dependency timeout comes first
+    assert failed(timer(s, 3.0))["b"][0] == "DependencyTimeout"
+    assert s.next_deadline() == 5.0
+
+
+def test_grace_is_a_parameter():
+    s = ControllerState(limit_grace=0.25)
+    register(s, "u0", pid=7)
+    task(s, "t", now=1.0, time_limit=1.0)
+    timer(s, 2.0)
+    assert s.next_deadline() == 2.25
+    assert failed(timer(s, 2.25))["t"][0] == "TaskTimeout"

@@ -5,8 +5,9 @@ Flags (``set_flags`` / ``temp_flags`` / keyword arguments of the view):
 dependency), ``follow`` (location dependency), ``timeout`` (seconds to wait for
 dependencies or for a fitting engine before ``DependencyTimeout``), ``retries``
 (reruns after an error or an engine death, elsewhere when possible), ``label``
-(stored with the task, queryable with ``db_query``) and ``placement`` (a predicate on
-an engine's properties dict, evaluated by the scheduler).
+(stored with the task, queryable with ``db_query``), ``placement`` (a predicate on
+an engine's properties dict, evaluated by the scheduler) and ``time_limit`` (seconds a
+task may run before it is interrupted, then its engine killed: ``TaskTimeout``).
 
 ``map`` cuts its input in chunks unless told ``chunksize=``: large chunks first and
 small ones at the end (guided self-scheduling), so that engines finish together while
@@ -48,7 +49,7 @@ class LoadBalancedView(View):
     """Engines as a pool: each task runs once, on an engine the scheduler chooses."""
 
     _flag_names = ("block", "track", "targets", "after", "follow", "timeout", "retries",
-                   "label", "placement")
+                   "label", "placement", "time_limit")
 
     def __init__(self, client: Any, targets: Any = None, block: bool = False,
                  track: bool = False, **flags: Any):
@@ -87,6 +88,9 @@ class LoadBalancedView(View):
             "targets": None if targets is None else self.client._resolve_targets(targets),
             "retries": flags.get("retries", self.retries),
         }
+        time_limit = flags.get("time_limit", self.time_limit)
+        if time_limit is not None:
+            md["time_limit"] = time_limit
         label = flags.get("label", self.label)
         if label is not None:
             md["label"] = str(label)

@@ -27,7 +27,7 @@ def _ops() -> Any:
 class View:
     """Shared machinery: flags and the apply family."""
 
-    _flag_names = ("block", "track", "targets")
+    _flag_names = ("block", "track", "targets", "time_limit")
 
     def __init__(self, client: Any, targets: Any = "all", block: bool = False,
                  track: bool = False, **flags: Any):
@@ -35,6 +35,7 @@ class View:
         self.targets = targets
         self.block = block
         self.track = track
+        self.time_limit: float | None = None
         if flags:
             self.set_flags(**flags)
 
@@ -47,10 +48,20 @@ class View:
 
     # ------------------------------------------------------------------ flags
     def set_flags(self, **kwargs: Any) -> None:
-        """Set view flags (``block``, ``track``, ``targets``); unknown names are errors."""
+        """Set view flags (``block``, ``track``, ``targets``, ``time_limit``); unknown
+        names are errors.
+
+        ``time_limit``: seconds each task may run once started on its engine; past it the
+        task is interrupted, and its engine killed if it does not stop; it fails with
+        ``TaskTimeout``. None (the default): no limit.
+        """
         for name, value in kwargs.items():
             if name not in self._flag_names:
                 raise KeyError(f"invalid flag {name!r}; valid flags are {self._flag_names}")
+            if name == "time_limit" and value is not None and (
+                    not isinstance(value, int | float) or isinstance(value, bool)
+                    or not 0 < value < float("inf")):
+                raise ValueError(f"time_limit must be seconds > 0 or None, not {value!r}")
             setattr(self, name, value)
 
     @contextlib.contextmanager
@@ -63,6 +74,10 @@ class View:
         finally:
             for k, v in saved.items():
                 setattr(self, k, v)
+
+    def _limit_md(self) -> dict | None:
+        """Task metadata for the ``time_limit`` flag (None: nothing to add)."""
+        return None if self.time_limit is None else {"time_limit": self.time_limit}
 
     def _targets(self, targets: Any = None) -> list[int]:
         t = self.targets if targets is None else targets
@@ -168,9 +183,10 @@ class DirectView(View):
         frames = pack_apply(f, args, kwargs or {})
         track = self.track if track is None else track
         msg_ids, trackers = [], []
+        md = self._limit_md()
         for engine_id in engine_ids:
             msg_id, tracker = self.client._send_task("apply_request", {}, frames, engine_id,
-                                                     track=track)
+                                                     extra_md=md, track=track)
             msg_ids.append(msg_id)
             trackers.append(tracker)
         fname = getattr(f, "__name__", "f")
@@ -186,7 +202,8 @@ class DirectView(View):
             raise TypeError(f"code must be a string, not {type(code).__name__}")
         content = {"code": code, "silent": silent, "store_history": not silent,
                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": False}
-        msg_ids = [self.client._send_task("execute_request", content, [], e)[0]
+        md = self._limit_md()
+        msg_ids = [self.client._send_task("execute_request", content, [], e, extra_md=md)[0]
                    for e in self._targets(targets)]
         ar = AsyncResult(self.client, msg_ids, "execute", single=self._single(targets))
         return self._finish(ar, block)
@@ -296,10 +313,12 @@ class DirectView(View):
         p = max(1, min(len(engine_ids), n))
         per_seq = [mapping.partition(s[:n], p) for s in seqs]
         msg_ids = []
+        md = self._limit_md()
         for i, engine_id in enumerate(engine_ids[:p]):
             chunks = tuple(ps[i] for ps in per_seq)
             frames = pack_apply(mapping.map_chunk, (f, *chunks), {})
-            msg_ids.append(self.client._send_task("apply_request", {}, frames, engine_id)[0])
+            msg_ids.append(self.client._send_task("apply_request", {}, frames, engine_id,
+                                                  extra_md=md)[0])
         ar = AsyncMapResult(self.client, msg_ids, mapping.join,
                             fname=getattr(f, "__name__", "map"))
         return self._finish(ar, block)

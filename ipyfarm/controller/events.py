@@ -59,6 +59,7 @@ class TaskSubmitted(Event):
     (:class:`~ipyfarm.controller.dependencies.DepSpec` or None), ``timeout`` (seconds
     to wait for dependencies or a fitting engine), ``targets`` (candidate engine ids),
     ``retries``, ``placement`` (a predicate on an engine's properties dict).
+    ``time_limit`` (seconds it may run, direct or balanced; None: no limit) applies to both.
     """
 
     msg_id: str
@@ -75,6 +76,7 @@ class TaskSubmitted(Event):
     placement: Any = None
     date: float | None = None  # the request header's date, seconds since the epoch
     resubmit_of: str | None = None
+    time_limit: float | None = None
 
 
 @dataclass(slots=True)

@@ -43,6 +43,11 @@ class Job:
     attempts: int = 0
     kills: int = 0  # engines that died while running it
     timed: bool = False  # its deadline is in the controller's timer heap
+    time_limit: float | None = None  # seconds it may run (see .limits), None: no limit
+    limit_stage: str | None = None  # None | armed | interrupted | killed
+    limit_deadline: float | None = None  # when the current stage ends
+    limit_started: float | None = None  # when it started running on its engine
+    interrupted_at: float | None = None
 
     @property
     def msg_id(self) -> str:

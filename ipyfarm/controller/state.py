@@ -12,6 +12,8 @@ effect goes out as a command, so each rule is tested by feeding events::
     EngineProcessExited / EngineUnregistered / heartbeat silence (TimerFired)
                           ─► FailTask or re-dispatch for each task it held, DisconnectEngine
     TimerFired            ─► FailTask(DependencyTimeout)  (waited past its ``timeout``)
+                          └► SendControl(signal_request SIGINT)  (ran past its ``time_limit``)
+                          └► KillEngine + FailTask(TaskTimeout)  (did not stop within the grace)
 
 Task states: pending ─► ok | error | aborted. Load-balanced tasks are placed by the
 cluster's scheme (:mod:`.schemes`) on engines with fewer than ``hwm`` outstanding tasks
@@ -32,6 +34,7 @@ from .dependencies import UNREACHABLE, WAITING
 from .engines import EngineState, describe_exit
 from .placement import candidates, unreachable_text
 from .jobs import READY, RUNNING, Job
+from .limits import INTERRUPTED, KILLED, RunLimits
 from .jobs import WAITING as PHASE_WAITING
 from .schemes import get_scheme
 
@@ -51,7 +54,11 @@ class ControllerState:
         scheme: str = "leastload",
         hwm: int = 1,
         seed: int | None = None,
+        limit_grace: float = 1.0,
     ):
+        """``limit_grace``: the least time a task interrupted for its ``time_limit`` gets
+        to stop before its engine is killed (it gets ``max(limit_grace, 0.1*time_limit)``).
+        """
         if hwm < 0:
             raise ValueError(f"hwm must be 0 (no limit) or a positive count, not {hwm}")
         self.heartbeat_period = heartbeat_period
@@ -71,6 +78,7 @@ class ControllerState:
         self.waiting: dict[str, Job] = {}  # balanced, dependencies or a fitting engine unmet
         self._dependents: dict[str, set[str]] = {}  # msg_id -> waiting msg_ids naming it
         self._deadlines: list[tuple[float, str]] = []  # heap of waiting jobs' deadlines
+        self.limits = RunLimits(limit_grace)  # running jobs' time-limit deadlines
         self._live: list[EngineState] = []  # alive engines, in id order
         self._idents: dict[bytes, bytes] = {}  # client identities, shared by their records
         self._handlers = {cls: getattr(self, "_on_" + cls.__name__)
@@ -160,8 +168,30 @@ class ControllerState:
                     eng.engine_id, f"it sent no heartbeat for {silent:.1f} s (hung or unreachable)"
                 )
                 out.append(C.KillEngine(eng.engine_id, eng.pid))
+        self._enforce_limits(ev.now, out)
         self._expire_deadlines(ev.now, out)
         return out
+
+    def _enforce_limits(self, now: float, out: list) -> None:
+        """Interrupt tasks past their ``time_limit``; kill engines that did not stop them."""
+        for job in self.limits.due(now, self.pending.get):
+            eng = self.engines[job.rec.engine_id]
+            if job.limit_stage != INTERRUPTED:
+                self.limits.interrupted(job, now)
+                out.append(C.SendControl(eng.engine_id, "signal_request", {"signum": 2}))
+                continue
+            job.limit_stage = KILLED
+            out.append(C.KillEngine(eng.engine_id, eng.pid))
+            out += self._lose_engine(
+                eng.engine_id, f"it was killed because task {job.msg_id} ran past its "
+                f"time limit of {job.time_limit:g} s and did not stop when interrupted")
+
+    def _timeout_text(self, job: Job, engine_id: int, how: str) -> str:
+        started = job.limit_started if job.limit_started is not None else self._now
+        at = (job.interrupted_at if job.interrupted_at is not None else self._now) - started
+        return (f"task {job.msg_id} ran longer than its time limit of {job.time_limit:g} s on "
+                f"engine {engine_id}: it was interrupted (SIGINT) at {at:.1f} s and {how}. "
+                "A task over its time limit is not rerun, whatever its retries.")
 
     def _lose_engine(self, engine_id: int, reason: str) -> list[C.Command]:
         eng = self.engines[engine_id]
@@ -178,6 +208,16 @@ class ControllerState:
             if job is None:
                 continue
             eng.failed += 1
+            if job.limit_stage in (INTERRUPTED, KILLED):
+                if job.limit_stage == KILLED:
+                    grace = self.limits.grace(job.time_limit or 0.0)
+                    how = (f"did not stop within the {grace:g} s grace period, so engine "
+                           f"{engine_id} (pid {eng.pid}) was killed; other tasks it held "
+                           "follow the rules for an engine that died")
+                else:
+                    how = f"then engine {engine_id} died ({reason})"
+                self._fail(job, "TaskTimeout", self._timeout_text(job, engine_id, how), out)
+                continue
             job.kills += 1
             if job.kills >= self.poison_kills:
                 self._fail(job, "EngineError",
@@ -231,6 +271,8 @@ class ControllerState:
                 old.resubmitted = ev.msg_id
                 self.db.finish(old)  # a persistent DB writes the link
         job = Job(rec, ev.frames, _nbytes(ev.frames), retries=max(0, int(ev.retries or 0)))
+        if ev.time_limit is not None and ev.time_limit > 0:
+            job.time_limit = ev.time_limit
         self.pending[ev.msg_id] = job
         out: list[C.Command] = []
         if not balanced:
@@ -330,6 +372,7 @@ class ControllerState:
         """Back to the front of the queue (a retry or an UnmetDependency)."""
         job.phase = READY
         job.rec.engine_id = None
+        self.limits.disarm(job)
         self.ready.appendleft(job)
 
     def _schedule(self, out: list) -> None:
@@ -377,7 +420,16 @@ class ControllerState:
         eng.outstanding[job.msg_id] = job.rec.queue
         self._dispatches += 1
         eng.last_used = self._dispatches
+        if job.time_limit is not None and len(eng.outstanding) == 1:
+            self.limits.arm(job, self._now)  # else it starts when the ones ahead finish
         out.append(C.DispatchTask(eng.engine_id, job.msg_id, job.rec.client_ident, job.frames))
+
+    def _arm_next(self, eng: EngineState) -> None:
+        """The engine's next task starts running now: start its time-limit clock."""
+        head = next(iter(eng.outstanding), None)
+        job = self.pending.get(head) if head is not None else None
+        if job is not None and job.time_limit is not None and job.limit_stage is None:
+            self.limits.arm(job, self._now)
 
     def _revisit_waiting(self, out: list) -> None:
         """Reconsider parked jobs (engines or properties changed)."""
@@ -415,10 +467,15 @@ class ControllerState:
         self._schedule(out)
 
     def next_deadline(self) -> float | None:
-        """When the next waiting task times out (for the shell's timer), or None."""
+        """When the next waiting task times out or a running one reaches a time-limit
+        step (for the shell's timer), or None."""
         while self._deadlines and self._deadlines[0][1] not in self.waiting:
             heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        wait = self._deadlines[0][0] if self._deadlines else None
+        run = self.limits.next_deadline(self.pending.get)
+        if wait is None or run is None:
+            return run if wait is None else wait
+        return min(wait, run)
 
     # ------------------------------------------------------------------ tasks out
     def _finish(self, job: Job, status: str, out: list) -> None:
@@ -450,7 +507,17 @@ class ControllerState:
             # a reply for a task already failed (engine declared lost) or unknown: drop it
             return []
         del eng.outstanding[ev.msg_id]
+        if eng.outstanding:
+            self._arm_next(eng)
         out: list[C.Command] = []
+        if job.limit_stage == INTERRUPTED and ev.status == "error":
+            # stopped by our interrupt (KeyboardInterrupt, or whatever it raised then)
+            job.rec.started, job.rec.completed = ev.started, ev.completed
+            self._fail(job, "TaskTimeout", self._timeout_text(
+                job, ev.engine_id, f"stopped ({ev.ename or 'error'})"), out)
+            eng.failed += 1
+            self._schedule(out)
+            return out
         if job.balanced and ev.status == "error":
             if ev.ename == UNMET:
                 job.blacklist.add(ev.engine_id)
@@ -593,6 +660,11 @@ class ControllerState:
                 assert running[msg_id] == job.rec.engine_id, msg_id
         for job in self.ready:
             assert self.pending.get(job.msg_id) is job, job.msg_id
+        for msg_id, job in self.pending.items():
+            if job.limit_stage is not None:  # only an engine's running task is on the clock
+                assert job.phase == RUNNING, (msg_id, job.phase, job.limit_stage)
+                eng = self.engines[job.rec.engine_id]
+                assert next(iter(eng.outstanding)) == msg_id, (msg_id, job.limit_stage)
 
 
 def _nbytes(frames: Any) -> int:

@@ -85,6 +85,13 @@ def task_fields(md: Any) -> dict:
     if label is not None and not isinstance(label, str):
         raise ValueError(f"label must be a string, not {type(label).__name__}")
     out: dict[str, Any] = {"engine_id": engine_id, "label": label}
+    time_limit = md.get("time_limit")
+    if time_limit is not None:
+        if (not isinstance(time_limit, int | float) or isinstance(time_limit, bool)
+                or not time_limit > 0 or time_limit == float("inf")):
+            raise ValueError(f"time_limit must be a number of seconds > 0 or null, "
+                             f"not {time_limit!r}")
+        out["time_limit"] = float(time_limit)
     if engine_id is not None:
         return out
     out["after"] = DepSpec.from_wire(md.get("after"))
