@@ -199,3 +199,184 @@ def test_kernelspec_installs_and_jupyter_starts_an_engine_kernel(tmp_path, monke
     text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
     assert "FarmKernel" in text
 
+
+
+# ---- malformed input at every port, counted ---------------------------------------------
+# Kinds: garbage frames, a wrong signature (another cluster's key), a replay of a message
+# that was accepted once, a correctly signed message of a type the port does not serve.
+# An oversize kind is not sent: no port has a frame or message size limit yet.
+
+GARBAGE = [
+    [b"hello"],
+    [DELIM, b"sig"],
+    [DELIM, b"sig", b"{", b"{}", b"{}", b"{}"],
+    [b"\x00" * 100] * 50,
+    [DELIM, b"0" * 64, b"{}", b"{}", b"{}", b"{}", b"buffer"],
+]
+
+
+class _Peer:
+    """A DEALER connected to one port: sends frames, counts what comes back."""
+
+    def __init__(self, url):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(url)
+
+    def send(self, frames):
+        self.sock.send_multipart(frames)
+
+    def replies(self, wait=0.3, upto=None):
+        n = 0
+        while (upto is None or n < upto) and self.sock.poll(int(wait * 1000)):
+            self.sock.recv_multipart()
+            n += 1
+        return n
+
+    def close(self):
+        self.sock.close(0)
+
+
+def _signed(session, msg_type, content, buffers=()):
+    return session.serialize_with_buffers(session.msg(msg_type, content), None, list(buffers))
+
+
+def _controller_row(hub, peer, kind, messages, legit=None):
+    """Send ``messages`` of one kind; accepted = sent - newly dropped (or answered)."""
+    if legit is not None:  # the original of a replay: accepted once, as it should be
+        peer.send(legit)
+        assert peer.replies(wait=5, upto=1) == 1
+    before = sum(hub.dropped.values())
+    for frames in messages:
+        peer.send(frames)
+    sent = len(messages)
+    wait_until(lambda: sum(hub.dropped.values()) - before >= sent, 5)
+    answered = peer.replies()
+    dropped = sum(hub.dropped.values()) - before
+    return kind, sent, max(sent - dropped, answered)
+
+
+def _controller_rows(cluster, rc):
+    hub = cluster[0].controller.hub
+    key = cluster[0].controller.connection_info()["key"].encode()
+    info = cluster[0].controller.connection_info()
+    real, forger = FarmSession(key=key), FarmSession(key=b"not-the-key")
+    engine_uuid = rc.engines[0]["uuid"] if "uuid" in rc.engines[0] else "x"
+    rows = []
+    for port, replayed, wrong_types in [
+        ("client", ("history_request", {}),
+         [("unregistration_request", {"uuid": engine_uuid}),
+          ("registration_request", {"uuid": "intruder"}), ("heartbeat_request", {"uuid": "x"})]),
+        ("registration", ("heartbeat_request", {"uuid": "nobody"}),
+         [("hub_shutdown_request", {"targets": None, "hub": True}),
+          ("hub_clear_request", {"targets": None}), ("apply_request", {}),
+          ("history_request", {})]),
+    ]:
+        peer = _Peer(info[port])
+        try:
+            forged = [_signed(forger, "hub_shutdown_request", {"targets": None, "hub": True}),
+                      _signed(forger, *replayed)]
+            legit = _signed(real, *replayed)
+            wrong = [_signed(real, t, c) for t, c in wrong_types]
+            for kind, messages, first in [("garbage frames", GARBAGE, None),
+                                          ("wrong signature", forged, None),
+                                          ("replayed", [legit, legit], legit),
+                                          ("type not served here", wrong, None)]:
+                rows.append((f"controller {port}", *_controller_row(hub, peer, kind, messages,
+                                                                      first)))
+        finally:
+            peer.close()
+    return rows
+
+
+def _trace_code(flag, kind):
+    return f"open({str(flag)!r}, 'a').write({kind!r} + '\\n')"
+
+
+def _trace_apply(flag, kind):
+    from ipyfarm.protocol.serialize import pack_apply
+
+    def leave_trace():
+        open(flag, "a").write(kind + "\n")
+
+    leave_trace.__module__ = "__main__"  # pickled by value: the engine can't import tests
+    return pack_apply(leave_trace, (), {})
+
+
+def _engine_rows(rc, tmp_path):
+    """Shell, control and stdin of one engine; accepted = replies + traces left."""
+    cf = json.load(open(rc.engines[0]["connection_file"]))
+    engine_id = rc.ids[0]
+    real, forger = FarmSession(key=cf["key"].encode()), FarmSession(key=b"not-the-key")
+    flag = tmp_path / "traces"
+    rc[engine_id].push({"canary": 42}).get(timeout=10)
+    rows = []
+    for port in ("shell", "control", "stdin"):
+        peer = _Peer(f"tcp://127.0.0.1:{cf[port + '_port']}")
+        try:
+            def traced(kind, session=real, port=port):
+                return _signed(session, "execute_request",
+                               {"code": _trace_code(flag, f"{port} {kind}"), "silent": True,
+                                "store_history": False, "user_expressions": {},
+                                "allow_stdin": False})
+
+            if port == "shell":  # control-only and controller-only types
+                wrong = [_signed(real, "clear_request", {}),
+                         _signed(real, "hub_shutdown_request", {"targets": None, "hub": True})]
+            elif port == "control":  # apply is served on shell only
+                wrong = [_signed(real, "apply_request", {},
+                                 _trace_apply(str(flag), "control wrong type"))]
+            else:  # stdin carries input replies only, and only while a task asks
+                wrong = [traced("wrong type")]
+            legit = traced("replayed")
+            for kind, messages in [("garbage frames", GARBAGE),
+                                   ("wrong signature", [traced("wrong signature", forger)]),
+                                   ("replayed", [legit]),
+                                   ("type not served here", wrong)]:
+                if kind == "replayed":
+                    peer.send(legit)
+                    if port != "stdin":
+                        assert peer.replies(wait=5, upto=1) == 1, f"engine {port}: not served"
+                        assert wait_until(lambda: flag.exists(), 5)
+                for frames in messages:
+                    peer.send(frames)
+                answered = peer.replies(wait=0.5)
+                traces = flag.read_text().splitlines() if flag.exists() else []
+                left = sum(1 for t in traces if t == f"{port} {kind}")
+                if kind == "replayed" and port != "stdin":
+                    left -= 1  # the original's own trace
+                rows.append((f"engine {port}", kind, len(messages), answered + left))
+        finally:
+            peer.close()
+    assert rc[engine_id].pull("canary").get(timeout=10) == 42, "a clear_request on the shell was served"
+    return rows
+
+
+def _hb_row(rc):
+    """The heartbeat port echoes bytes by design and interprets nothing."""
+    cf = json.load(open(rc.engines[0]["connection_file"]))
+    s = zmq.Context.instance().socket(zmq.REQ)
+    s.linger = 0
+    s.connect(f"tcp://127.0.0.1:{cf['hb_port']}")
+    try:
+        for frames in GARBAGE:
+            s.send_multipart(frames)
+            assert s.poll(5000) and s.recv_multipart() == frames  # echoed, nothing more
+    finally:
+        s.close(0)
+    return ("engine hb", "garbage frames (echoed)", len(GARBAGE), 0)
+
+
+def test_malformed_input_at_every_port_is_never_accepted(cluster, rc, tmp_path):
+    hub = cluster[0].controller.hub
+    ids, history = list(rc.ids), set(rc.hub_history())
+    rows = _controller_rows(cluster, rc) + _engine_rows(rc, tmp_path) + [_hb_row(rc)]
+    lines = ["| port | kind | sent | accepted |", "|---|---|---:|---:|"]
+    lines += [f"| {port} | {kind} | {sent} | {accepted} |" for port, kind, sent, accepted in rows]
+    print("\n" + "\n".join(lines))
+    assert all(accepted == 0 for *_, accepted in rows), rows
+    # no state changed, and service continues everywhere
+    assert not hub.stopped.is_set()
+    assert rc.ids == ids
+    assert set(rc.hub_history()) - history <= set(rc.history)  # only this test's push, pull
+    assert rc[:].apply_sync(lambda: "ok") == ["ok"] * len(ids)
