@@ -380,3 +380,35 @@ def test_malformed_input_at_every_port_is_never_accepted(cluster, rc, tmp_path):
     assert rc.ids == ids
     assert set(rc.hub_history()) - history <= set(rc.history)  # only this test's push, pull
     assert rc[:].apply_sync(lambda: "ok") == ["ok"] * len(ids)
+
+
+def _one_cluster(i):
+    c = ipp.Cluster(n=1, profile=f"many-{os.getpid()}-{i}")
+    try:
+        rc = c.start_and_connect_sync()
+        pid = rc[:].apply_sync(os.getpid)[0]
+        rc.close()
+        return pid
+    finally:
+        c.stop_cluster_sync()
+
+
+@pytest.mark.timeout(150)
+def test_twenty_clusters_started_at_once_leave_nothing_behind():
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(_one_cluster, i) for i in range(20)]
+        done, pending = wait(futures, timeout=120)
+        assert not pending, f"{len(pending)} of 20 clusters did not finish within 120 s"
+    pids = [f.result() for f in futures]
+    print(f"20 clusters started, ran a task and stopped in {time.monotonic() - t0:.1f} s")
+    assert len(set(pids)) == 20  # twenty distinct engines ran the tasks
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 10), "engines left behind"
+    left = wait_until(lambda: not ({p.pid for p in psutil.Process().children(recursive=True)}
+                                   - before), 10)
+    assert left, "processes left behind by the clusters"
+    runtime = os.environ["JUPYTER_RUNTIME_DIR"]
+    assert not [f for f in os.listdir(runtime) if f"many-{os.getpid()}-" in f]
