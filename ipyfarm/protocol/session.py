@@ -292,7 +292,8 @@ class FarmSession(Session):
         if not isinstance(header, dict):
             raise SignatureError("header is not a JSON object")
         buffers = msg_list[5:]
-        if self.auth is not None and buffers:
+        if self.auth is not None and (buffers or "buffer_digests" in header):
+            # (a message stripped of all its buffers is refused too)
             signed = header.get("buffer_digests")
             digests = signed.split() if isinstance(signed, str) else []
             if len(digests) != len(buffers):
