@@ -5,6 +5,12 @@
 
 By default the controller runs on a thread of this process; engines are local
 child processes that exit when this process dies, however it dies.
+
+``Cluster(restart_engines=True)`` replaces an engine that dies unexpectedly (crashed,
+killed, or killed by the controller for a task past its ``time_limit``), at most
+``max_restarts`` times within ``restart_window`` seconds; ``cluster.restart_log`` lists
+each decision. Engines ended by ``stop_engines_sync``, the cluster's stop, or a clean
+exit (code 0: ``rc.shutdown``, SIGTERM) are not replaced.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 from .. import error
 from ..controller import events as E
 from ..controller.embedded import EmbeddedController
-from .launcher import LocalEngineLauncher
+from .launcher import LocalEngineLauncher, RestartPolicy
 
 __all__ = ["Cluster"]
 
@@ -32,7 +38,8 @@ class Cluster:
                  log_level: str = "WARNING", ip: str = "127.0.0.1",
                  heartbeat_period: float = 1.0, heartbeat_timeout: float = 10.0,
                  engine_timeout: float = 60.0, scheme: str = "leastload", hwm: int = 1,
-                 **kwargs: Any):
+                 restart_engines: bool = False, max_restarts: int = 3,
+                 restart_window: float = 60.0, **kwargs: Any):
         if controller != "embedded":
             raise ValueError(f"controller={controller!r}: only 'embedded' runs in-process; "
                              "use `ipyfarm start` for a standalone controller")
@@ -50,6 +57,10 @@ class Cluster:
             raise ValueError(f"hwm must be 0 (no limit) or a positive int, not {hwm!r}")
         self.scheme = scheme
         self.hwm = hwm
+        self.restart_engines = bool(restart_engines)
+        RestartPolicy(max_restarts, restart_window)  # bad values fail here
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
         self._hub_kwargs = {"heartbeat_period": heartbeat_period,
                             "heartbeat_timeout": heartbeat_timeout,
                             "scheme": scheme, "hwm": hwm}
@@ -72,8 +83,16 @@ class Cluster:
         ctl.hub.on_kill = self._kill_engine
         ctl.hub.on_shutdown = self._on_hub_shutdown
         self.controller = ctl
+        policy = (RestartPolicy(self.max_restarts, self.restart_window)
+                  if self.restart_engines else None)
         self.launcher = LocalEngineLauncher(ctl.file, on_exit=self._engine_exited,
-                                            log_level=self.log_level)
+                                            log_level=self.log_level, restart=policy)
+
+    @property
+    def restart_log(self) -> list[dict]:
+        """Each unexpected engine exit and what was done: ``action`` is ``"restarted"``
+        (with ``new_pid``) or ``"not restarted"`` (with the ``reason``)."""
+        return list(self.launcher.restart_log) if self.launcher is not None else []
 
     def _engine_exited(self, pid: int, returncode: int) -> None:
         if self.controller is not None:

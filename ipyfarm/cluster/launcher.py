@@ -2,10 +2,17 @@
 
 A watcher thread polls the children and reports each exit (with its code) to a
 callback, so the controller learns of a dead engine within ``poll_interval``.
+
+With a :class:`RestartPolicy`, an engine that exits *unexpectedly* is replaced by a new
+one: not one that ``stop()`` ended, not one that exited with code 0 (a clean
+``shutdown_request`` or SIGTERM), and not after the policy's crash-loop limit is hit.
+Each decision is appended to ``restart_log``.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import signal
 import socket
@@ -16,7 +23,42 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["LocalEngineLauncher", "engine_command"]
+__all__ = ["LocalEngineLauncher", "RestartPolicy", "engine_command"]
+
+log = logging.getLogger("ipyfarm.cluster")
+
+
+class RestartPolicy:
+    """Crash-loop limit: at most ``max_restarts`` restarts within any ``window`` seconds.
+
+    Once a restart would exceed it, restarting stops for good (``gave_up`` says why):
+    engines that die this often are likely to keep dying. Pure: times come in as
+    arguments.
+    """
+
+    def __init__(self, max_restarts: int = 3, window: float = 60.0):
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be a count >= 0, not {max_restarts!r}")
+        if not window > 0:
+            raise ValueError(f"restart_window must be seconds > 0, not {window!r}")
+        self.max_restarts = max_restarts
+        self.window = window
+        self._times: collections.deque[float] = collections.deque()
+        self.gave_up: str | None = None
+
+    def allow(self, now: float) -> bool:
+        """May an engine that died at ``now`` be restarted? (Counts the restart if so.)"""
+        if self.gave_up is not None:
+            return False
+        while self._times and self._times[0] <= now - self.window:
+            self._times.popleft()
+        if len(self._times) >= self.max_restarts:
+            self.gave_up = (f"{len(self._times)} engines were restarted within the last "
+                            f"{self.window:g} s (max_restarts={self.max_restarts}): a crash "
+                            "loop, so dead engines are no longer restarted")
+            return False
+        self._times.append(now)
+        return True
 
 
 def engine_command(controller_file: str | Path, parent_pid: int | None = None,
@@ -35,7 +77,8 @@ class LocalEngineLauncher:
 
     def __init__(self, controller_file: str | Path, log_dir: str | Path | None = None,
                  on_exit: Callable[[int, int], None] | None = None,
-                 poll_interval: float = 0.2, log_level: str = "WARNING"):
+                 poll_interval: float = 0.2, log_level: str = "WARNING",
+                 restart: RestartPolicy | None = None):
         self.controller_file = str(controller_file)
         self.log_dir = Path(log_dir) if log_dir else None
         self.on_exit = on_exit
@@ -43,6 +86,9 @@ class LocalEngineLauncher:
         self.log_level = log_level
         self.procs: dict[int, subprocess.Popen] = {}
         self.exited: dict[int, int] = {}
+        self.restart = restart
+        self.restart_log: list[dict] = []  # one entry per unexpected exit, when restarting
+        self._stopped: set[int] = set()  # pids that stop() was asked to end
         self.hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -64,7 +110,13 @@ class LocalEngineLauncher:
             if out is not subprocess.DEVNULL:
                 out.close()
             with self._lock:
-                self.procs[proc.pid] = proc
+                stopping = self._stopping.is_set()
+                if not stopping:
+                    self.procs[proc.pid] = proc
+            if stopping:  # stop() ran meanwhile (a restart racing the cluster's stop)
+                proc.kill()
+                proc.wait(5)
+                continue
             pids.append(proc.pid)
         self._ensure_watcher()
         return pids
@@ -83,14 +135,34 @@ class LocalEngineLauncher:
                 rc = proc.poll()
                 if rc is not None:
                     with self._lock:
-                        self.procs.pop(pid, None)
+                        if self.procs.pop(pid, None) is None:
+                            continue  # stop() took it and reported it
                         self.exited[pid] = rc
                     if self.on_exit is not None and not self._stopping.is_set():
                         self.on_exit(pid, rc)
+                    if self.restart is not None and not self._stopping.is_set():
+                        self._maybe_restart(pid, rc)
             if not procs and not self.procs:
                 time.sleep(self.poll_interval)
                 continue
             self._stopping.wait(self.poll_interval)
+
+    def _maybe_restart(self, pid: int, returncode: int) -> None:
+        with self._lock:
+            if pid in self._stopped or returncode == 0:
+                return  # stopped on purpose
+        assert self.restart is not None
+        entry = {"time": time.time(), "pid": pid, "returncode": returncode}
+        if self.restart.allow(time.monotonic()):
+            new = self.start(1)
+            entry.update(action="restarted", new_pid=new[0] if new else None)
+            log.warning("engine process %d exited (code %d); started %s in its place",
+                        pid, returncode, new)
+        else:
+            entry.update(action="not restarted", reason=self.restart.gave_up)
+            log.warning("engine process %d exited (code %d) and was not restarted: %s",
+                        pid, returncode, self.restart.gave_up)
+        self.restart_log.append(entry)
 
     def poll(self) -> dict[int, int | None]:
         with self._lock:
@@ -112,9 +184,11 @@ class LocalEngineLauncher:
 
     def stop(self, pids: list[int] | None = None, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; waits for every process."""
-        targets = self.pids if pids is None else [p for p in pids if p in self.procs]
         if pids is None:
-            self._stopping.set()
+            self._stopping.set()  # first: no restart starts after the targets are known
+        with self._lock:
+            targets = list(self.procs) if pids is None else [p for p in pids if p in self.procs]
+            self._stopped.update(targets)
         self.signal(signal.SIGTERM, targets)
         deadline = time.monotonic() + timeout
         for pid in targets:
@@ -127,8 +201,10 @@ class LocalEngineLauncher:
                 proc.kill()
                 proc.wait(5)
             with self._lock:
-                self.procs.pop(pid, None)
+                mine = self.procs.pop(pid, None) is not None  # else the watcher reported it
                 self.exited[pid] = proc.returncode
+            if mine and self.on_exit is not None and not self._stopping.is_set():
+                self.on_exit(pid, proc.returncode)
 
     def wait(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
