@@ -409,9 +409,6 @@ TWENTY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=False, reason="about 2 runs in 5 the child aborts in a hub thread's "
-                   "recv_multipart with libzmq's 'Assertion failed: !_more (src/fq.cpp:80)' "
-                   "(a socket used from two threads?); to fix in the controller/cluster code")
 @pytest.mark.timeout(150)
 def test_twenty_clusters_started_at_once_leave_nothing_behind(tmp_path):
     """In a child process, so that a crash (or a hang) fails this test, not the suite."""

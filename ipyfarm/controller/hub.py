@@ -114,10 +114,6 @@ class Hub:
         self.inproc_url = f"inproc://ipyfarm-hub-{os.getpid()}-{id(self)}"
         self.client_sock.bind(self.inproc_url)
         self.reg_port = self.reg_sock.bind_to_random_port(f"tcp://{self.ip}")
-        self.iopub_sock = ctx.socket(zmq.SUB)
-        self.iopub_sock.linger = 0
-        self.iopub_sock.rcvhwm = 0
-        self.iopub_sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._wake_addr = f"inproc://ipyfarm-hub-wake-{id(self)}"
         self.wake_pull = ctx.socket(zmq.PULL)
         self.wake_pull.bind(self._wake_addr)
@@ -128,7 +124,6 @@ class Hub:
         self._handlers: dict[Any, Callable[[list], None]] = {
             self.client_sock: self._on_client,
             self.reg_sock: self._on_registration,
-            self.iopub_sock: self._on_iopub,
             self.wake_pull: self._on_wake,
         }
         for s in self._handlers:
@@ -244,10 +239,10 @@ class Hub:
             self.stopped.set()
 
     def _close(self) -> None:
-        for shell, control, _ in self._engine_socks.values():
-            shell.close(0)
-            control.close(0)
-        for s in (self.client_sock, self.reg_sock, self.iopub_sock, self.wake_pull):
+        for socks in self._engine_socks.values():
+            for s in socks:
+                s.close(0)
+        for s in (self.client_sock, self.reg_sock, self.wake_pull):
             s.close(0)
         with self._post_lock:
             self.wake_push.close(0)
@@ -650,20 +645,25 @@ class Hub:
 
         shell = self.context.socket(zmq.DEALER)
         control = self.context.socket(zmq.DEALER)
-        for s in (shell, control):
+        # one SUB per engine, closed when the engine goes: disconnecting an endpoint of
+        # a shared SUB while other engines publish trips libzmq's fair-queue assertion
+        # (`!_more`, fq.cpp) now and then, aborting the whole process
+        iopub = self.context.socket(zmq.SUB)
+        iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        for s in (shell, control, iopub):
             s.linger = 0
             s.sndhwm = 0
             s.rcvhwm = 0
         shell.connect(url(ci["shell_port"]))
         control.connect(url(ci["control_port"]))
-        iopub_url = url(ci["iopub_port"])
-        self.iopub_sock.connect(iopub_url)
-        self._engine_socks[cmd.engine_id] = (shell, control, iopub_url)
+        iopub.connect(url(ci["iopub_port"]))
+        self._engine_socks[cmd.engine_id] = (shell, control, iopub)
         eid = cmd.engine_id
         self._handlers[shell] = lambda frames: self._on_engine_shell(eid, frames)
         self._handlers[control] = lambda frames: self._on_engine_control(eid, frames)
-        self.poller.register(shell, zmq.POLLIN)
-        self.poller.register(control, zmq.POLLIN)
+        self._handlers[iopub] = self._on_iopub
+        for s in (shell, control, iopub):
+            self.poller.register(s, zmq.POLLIN)
 
     def _do_DisconnectEngine(self, cmd: C.DisconnectEngine) -> None:
         for cid, eid in list(self._control_engine.items()):
@@ -672,15 +672,10 @@ class Hub:
         socks = self._engine_socks.pop(cmd.engine_id, None)
         if socks is None:
             return
-        shell, control, iopub_url = socks
-        for s in (shell, control):
+        for s in socks:
             self.poller.unregister(s)
             self._handlers.pop(s, None)
             s.close(0)
-        try:
-            self.iopub_sock.disconnect(iopub_url)
-        except zmq.ZMQError:
-            pass
 
     def _do_ReplyRegistration(self, cmd: C.ReplyRegistration) -> None:
         self.session.send(self.reg_sock, "registration_reply", cmd.content, ident=cmd.ident)

@@ -299,7 +299,13 @@ class FarmKernel(IPythonKernel):
         self.session.send(stream, "signal_reply", {"status": "ok"}, parent, ident=ident)
         if stream is not None and hasattr(stream, "flush"):
             stream.flush(zmq.POLLOUT)
-        os.kill(os.getpid(), signum)
+        if signum == signal.SIGINT and hasattr(signal, "pthread_kill"):
+            # to the thread running the task: a process-directed signal may be taken by
+            # another thread, and a task blocked in a system call (sleep, a wait) would
+            # then see the interrupt only when that call returns
+            signal.pthread_kill(threading.main_thread().ident, signum)
+        else:
+            os.kill(os.getpid(), signum)
 
 
 def _unpack_failure(exc: BaseException) -> BaseException:
