@@ -22,7 +22,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     from .controller.app import run_standalone
 
     return run_standalone(n=args.n, profile=args.profile, ip=args.ip, log_level=args.log_level,
-                          db=args.db, db_file=args.db_file, scheme=args.scheme, hwm=args.hwm)
+                          db=args.db, db_file=args.db_file, scheme=args.scheme, hwm=args.hwm,
+                          restart_engines=args.restart_engines)
 
 
 def _controller_argv(args: argparse.Namespace) -> list[str]:
@@ -32,6 +33,8 @@ def _controller_argv(args: argparse.Namespace) -> list[str]:
            "--db", args.db, "--scheme", args.scheme, "--hwm", str(args.hwm)]
     if args.db_file is not None:
         cmd += ["--db-file", os.path.abspath(args.db_file)]
+    if args.restart_engines:
+        cmd.append("--restart-engines")
     return cmd
 
 
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how load-balanced tasks pick an engine (default leastload)")
         sp.add_argument("--hwm", type=int, default=1, metavar="N",
                         help="load-balanced tasks an engine may hold at once (default 1)")
+        sp.add_argument("--restart-engines", action="store_true",
+                        help="replace engines that die unexpectedly (at most 3 in 60 s)")
 
     sp = sub.add_parser("start", help="start a controller and n engines")
     cluster_opts(sp, os.cpu_count() or 1)

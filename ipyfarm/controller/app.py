@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import paths
 from ..error import IPyFarmError
-from ..cluster.launcher import LocalEngineLauncher
+from ..cluster.launcher import LocalEngineLauncher, RestartPolicy
 from . import events as E
 from .db import MemoryTaskDB
 from .hub import Hub
@@ -76,7 +76,7 @@ def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
                    log_level: str = "WARNING", heartbeat_period: float = 1.0,
                    heartbeat_timeout: float = 10.0, db: str = "memory",
                    db_file: str | None = None, scheme: str = DEFAULT_SCHEME,
-                   hwm: int = DEFAULT_HWM) -> int:
+                   hwm: int = DEFAULT_HWM, restart_engines: bool = False) -> int:
     """Serve until stopped; returns the process exit status."""
     logging.basicConfig(level=log_level, format="[ipyfarm %(levelname)s] %(message)s")
     file = paths.cluster_file(profile)
@@ -99,7 +99,7 @@ def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
             return 1
         hub = Hub(ip=ip, heartbeat_period=heartbeat_period,
                   heartbeat_timeout=heartbeat_timeout, state=state)
-        return _serve(hub, n, profile, file, log_level)
+        return _serve(hub, n, profile, file, log_level, restart_engines)
     finally:
         task_db_close(task_db)
 
@@ -111,7 +111,8 @@ def task_db_close(db: Any) -> None:
         close()
 
 
-def _serve(hub: Hub, n: int, profile: str, file: Path, log_level: str) -> int:
+def _serve(hub: Hub, n: int, profile: str, file: Path, log_level: str,
+           restart_engines: bool = False) -> int:
     info = hub.connection_info()
     info.update(profile=profile, embedded=False, n=n,
                 created=datetime.now(timezone.utc).isoformat())
@@ -120,7 +121,8 @@ def _serve(hub: Hub, n: int, profile: str, file: Path, log_level: str) -> int:
     launcher = LocalEngineLauncher(
         file, log_dir=paths.runtime_dir() / f"ipyfarm-{profile}-logs", log_level=log_level,
         on_exit=lambda pid, rc: hub.post(E.EngineProcessExited(time.monotonic(), pid,
-                                                               hostname, rc)))
+                                                               hostname, rc)),
+        restart=RestartPolicy() if restart_engines else None)
 
     def kill(engine_id: int, pid: int) -> None:
         if pid in launcher.pids:
