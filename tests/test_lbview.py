@@ -227,6 +227,8 @@ def test_placement_on_engine_properties(rc, lview):
 def test_bad_flags_fail_at_once(lview):
     with pytest.raises(ValueError, match="retries"):
         lview.set_flags(retries=-1)
+    with pytest.raises(ValueError, match="engine_retries"):
+        lview.set_flags(engine_retries=-1)
     with pytest.raises(KeyError, match="valid flags"):
         lview.set_flags(priority=3)
     with pytest.raises(TypeError, match="placement"):

@@ -568,3 +568,23 @@ def test_grace_is_a_parameter():
     timer(s, 2.0)
     assert s.next_deadline() == 2.25
     assert failed(timer(s, 2.25))["t"][0] == "TaskTimeout"
+
+
+def test_engine_retries_and_retries_are_separate_knobs():
+    s = make(hwm=1, engines=3)
+    task(s, "busy", targets=[2])
+    task(s, "death-only", retries=0, engine_retries=1)
+    task(s, "errors-only", retries=2, engine_retries=0)
+    assert s.record("death-only").engine_id == 0 and s.record("errors-only").engine_id == 1
+    # an exception is not rerun when only engine deaths are
+    assert kinds(reply(s, 0, "death-only", status="error", ename="E")) == ["DeliverResult"]
+    task(s, "death-only-2", retries=0, engine_retries=1)
+    assert s.record("death-only-2").engine_id == 0
+    f = failed(s.handle(E.EngineProcessExited(2.0, 101, "h", -9)))  # engine 1 dies
+    assert f["errors-only"][0] == "EngineError"  # engine_retries=0: not rerun
+    f = failed(s.handle(E.EngineProcessExited(3.0, 100, "h", -9)))  # engine 0 dies
+    assert "death-only-2" not in f  # queued again, for engine 2
+    assert dispatched(reply(s, 2, "busy")) == [("death-only-2", 2)]
+    # engine_retries defaults to retries (ipyparallel's single knob)
+    task(s, "both", retries=1)
+    assert s.pending["both"].engine_retries == 1

@@ -4,7 +4,8 @@ Flags (``set_flags`` / ``temp_flags`` / keyword arguments of the view):
 ``block``, ``track``, ``targets`` (engines the scheduler may use), ``after`` (time
 dependency), ``follow`` (location dependency), ``timeout`` (seconds to wait for
 dependencies or for a fitting engine before ``DependencyTimeout``), ``retries``
-(reruns after an error or an engine death, elsewhere when possible), ``label``
+(reruns after an error, and after an engine death unless ``engine_retries`` sets
+another count for that; elsewhere when possible), ``label``
 (stored with the task, queryable with ``db_query``), ``placement`` (a predicate on
 an engine's properties dict, evaluated by the scheduler) and ``time_limit`` (seconds a
 task may run before it is interrupted, then its engine killed: ``TaskTimeout``).
@@ -49,7 +50,7 @@ class LoadBalancedView(View):
     """Engines as a pool: each task runs once, on an engine the scheduler chooses."""
 
     _flag_names = ("block", "track", "targets", "after", "follow", "timeout", "retries",
-                   "label", "placement", "time_limit")
+                   "engine_retries", "label", "placement", "time_limit")
 
     def __init__(self, client: Any, targets: Any = None, block: bool = False,
                  track: bool = False, **flags: Any):
@@ -57,6 +58,7 @@ class LoadBalancedView(View):
         self.follow: Any = None
         self.timeout: float | None = None
         self.retries = 0
+        self.engine_retries: int | None = None  # None: as many as ``retries``
         self.label: str | None = None
         self.placement: Any = None
         super().__init__(client, targets, block, track, **flags)
@@ -72,6 +74,10 @@ class LoadBalancedView(View):
         for name, value in kwargs.items():
             if name == "retries" and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"retries must be a count >= 0, not {value!r}")
+            if name == "engine_retries" and value is not None and (
+                    not isinstance(value, int) or value < 0):
+                raise ValueError(f"engine_retries must be a count >= 0 or None (as many as "
+                                 f"retries), not {value!r}")
             if name == "timeout" and value is not None and not isinstance(value, int | float):
                 raise TypeError(f"timeout must be seconds (a number) or None, not {value!r}")
             if name == "placement" and value is not None and not callable(value):
@@ -88,6 +94,9 @@ class LoadBalancedView(View):
             "targets": None if targets is None else self.client._resolve_targets(targets),
             "retries": flags.get("retries", self.retries),
         }
+        engine_retries = flags.get("engine_retries", self.engine_retries)
+        if engine_retries is not None:
+            md["engine_retries"] = engine_retries
         time_limit = flags.get("time_limit", self.time_limit)
         if time_limit is not None:
             md["time_limit"] = time_limit

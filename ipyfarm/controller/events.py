@@ -73,6 +73,7 @@ class TaskSubmitted(Event):
     timeout: float | None = None
     targets: list | None = None
     retries: int = 0
+    engine_retries: int | None = None  # reruns after an engine death; None: ``retries``
     placement: Any = None
     date: float | None = None  # the request header's date, seconds since the epoch
     resubmit_of: str | None = None

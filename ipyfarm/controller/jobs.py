@@ -34,7 +34,8 @@ class Job:
     follow: DepSpec | None = None
     targets: frozenset | None = None
     placement: Any = None
-    retries: int = 0
+    retries: int = 0  # reruns left after an exception
+    engine_retries: int = 0  # reruns left after its engine died
     deadline: float | None = None
     timeout: float | None = None
     phase: str = WAITING

@@ -225,13 +225,13 @@ class ControllerState:
                            f"(the last: engine {engine_id}, {reason}); it is likely what "
                            "kills them, so it is not rerun again whatever its retries.", out)
                 continue
-            if job.balanced and job.retries > 0:
-                job.retries -= 1
+            if job.balanced and job.engine_retries > 0:
+                job.engine_retries -= 1
                 job.tried.add(engine_id)
                 self._requeue(job)
                 continue
-            hint = (" Set retries=1 (or more) on a load-balanced view to rerun such tasks "
-                    "elsewhere." if job.balanced else "")
+            hint = (" Set retries=1 (or engine_retries=1) on a load-balanced view to rerun "
+                    "such tasks elsewhere.") if job.balanced else ""
             self._fail(job, "EngineError",
                        f"engine {engine_id} died while running task {msg_id}: {reason}. "
                        f"The task did not finish; its result is lost.{hint}", out)
@@ -270,7 +270,9 @@ class ControllerState:
             if old is not None:
                 old.resubmitted = ev.msg_id
                 self.db.finish(old)  # a persistent DB writes the link
-        job = Job(rec, ev.frames, _nbytes(ev.frames), retries=max(0, int(ev.retries or 0)))
+        retries = max(0, int(ev.retries or 0))
+        job = Job(rec, ev.frames, _nbytes(ev.frames), retries=retries,
+                  engine_retries=retries if ev.engine_retries is None else ev.engine_retries)
         if ev.time_limit is not None and ev.time_limit > 0:
             job.time_limit = ev.time_limit
         self.pending[ev.msg_id] = job

@@ -109,6 +109,11 @@ def task_fields(md: Any) -> dict:
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ValueError(f"retries must be a count >= 0, not {retries!r}")
     out["retries"] = retries
+    engine_retries = md.get("engine_retries")
+    if engine_retries is not None and (not isinstance(engine_retries, int)
+                                       or isinstance(engine_retries, bool) or engine_retries < 0):
+        raise ValueError(f"engine_retries must be a count >= 0, not {engine_retries!r}")
+    out["engine_retries"] = engine_retries
     placement = md.get("placement")
     if placement is not None:
         try:
