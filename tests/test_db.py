@@ -370,3 +370,46 @@ def test_open_db_and_make_state(tmp_path):
     else:
         with pytest.raises(ValueError, match="--scheme"):
             make_state(1.0, 10.0, mem, "lru")
+
+
+def test_restarted_standalone_controller_serves_its_sqlite_results(tmp_path):
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
+    profile = f"dbr-{os.getpid()}"
+    cli = [sys.executable, "-m", "ipyfarm"]
+    start = cli + ["start", "-n", "1", "--daemonize", "--db", "sqlite", "--profile", profile]
+    info_file = tmp_path / f"ipyfarm-cluster-{profile}.json"
+    import psutil
+
+    pids = []
+
+    def started():
+        out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, out.stderr
+        ctl = json.loads(info_file.read_text())["pid"]
+        pids.extend([ctl] + [p.pid for p in psutil.Process(ctl).children(recursive=True)])
+
+    def stopped():
+        stop = subprocess.run(cli + ["stop", "--profile", profile], env=env,
+                              capture_output=True, text=True, timeout=30)
+        assert stop.returncode == 0, stop.stderr
+        assert wait_until(lambda: not any(_alive(p) for p in pids), 15)
+
+    def client(code):
+        got = subprocess.run([sys.executable, "-c", "import ipyfarm as ipp\n"
+                              f"rc = ipp.Client(profile={profile!r})\n" + code],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert got.returncode == 0, got.stderr
+        return got.stdout.split()
+
+    try:
+        started()
+        (msg_id,) = client("ar = rc.load_balanced_view().apply_async(pow, 6, 7)\n"
+                           "ar.get(30)\nprint(ar.msg_ids[0])\nrc.close()\n")
+        stopped()
+        started()  # a new controller, a new key, the same records
+        assert client(f"print(rc.get_result({msg_id!r}).get(30))\nrc.close()\n") == ["279936"]
+        stopped()
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)

@@ -394,3 +394,26 @@ def test_farm_status_snapshot(rc, lview):
     assert {e["engine_id"] for e in snap["engines"] if e["state"] != "dead"} >= set(rc.ids)
     assert snap["tasks"]["ok"] >= 10 and snap["finished"] >= snap["tasks"]["ok"]
     assert snap["scheme"] == "leastload" and snap["hwm"] == 1
+
+
+def test_another_client_fetches_results_again_and_controller_failures(rc, lview):
+    import zmq
+
+    ok = lview.apply_async(lambda: 42)
+    ok.get(10)
+    bad = lview.apply_async(lambda: 1 / 0)
+    bad.wait(10)
+    with lview.temp_flags(after=bad):
+        never = lview.apply_async(lambda: 1)
+    with pytest.raises(error.ImpossibleDependency):
+        never.get(10)
+    ctx = zmq.Context()
+    other = ipp.Client(dict(rc._info, inproc=None), context=ctx)
+    try:
+        for _ in range(2):  # each fetch is a fresh message: not taken for a replay
+            assert other.get_result(ok.msg_ids[0]).get(10) == 42
+        with pytest.raises(error.ImpossibleDependency, match="can never run"):
+            other.get_result(never.msg_ids[0]).get(10)
+    finally:
+        other.close()
+        ctx.term()

@@ -511,13 +511,31 @@ class Hub:
                 if status_only:
                     continue
                 if rec.result_frames is not None:
-                    self._to_client([ident, DELIM, *rec.result_frames])
+                    self._to_client([ident, DELIM, *self._resigned(rec.result_frames)[0]])
+                elif rec.ename and not rec.released:  # failed here, never ran: say so again
+                    self._do_FailTask(C.FailTask(ident, rec.msg_id, rec.msg_type,
+                                                 rec.engine_id, rec.ename, rec.evalue or "",
+                                                 rec.status))
                 else:
                     released.append(msg_id)
         self._reply(ident, header, "result_reply", {
             "status": "ok", "pending": pending, "completed": completed,
             "missing": missing, "released": released,
         })
+
+    def _resigned(self, frames: list) -> tuple[list, dict]:
+        """A stored reply as a fresh message: new header msg_id and date, signed now.
+
+        Each delivery must be a message of its own: a client rejects a signature it has
+        seen (so a second fetch of the same result would be taken for a replay), and a
+        controller restarted on its SQLite records signs with a new key. The buffers and
+        their signed digests are unchanged.
+        """
+        header = self.session.unpack(frames_bytes(frames[1]))
+        header = dict(header, msg_id=self.session.msg_id,
+                      date=datetime.now(timezone.utc).isoformat())
+        parts = [self.session.pack(header), *(frames_bytes(f) for f in frames[2:5])]
+        return [self.session.sign(parts), *parts, *frames[5:]], header
 
     def _q_history_request(self, ident: bytes, header: dict, content: dict) -> None:
         self._reply(ident, header, "history_reply",
@@ -552,12 +570,7 @@ class Hub:
         for old_id in content["msg_ids"]:
             rec = self.state.record(old_id)
             assert rec is not None
-            old = rec.request_frames
-            old_header = self.session.unpack(frames_bytes(old[1]))
-            new_header = dict(old_header, msg_id=self.session.msg_id,
-                              date=datetime.now(timezone.utc).isoformat())
-            parts = [self.session.pack(new_header), *(frames_bytes(f) for f in old[2:5])]
-            frames = [self.session.sign(parts), *parts, *old[5:]]
+            frames, new_header = self._resigned(rec.request_frames)
             resubmitted[old_id] = new_header["msg_id"]
             self._submit(ident, new_header, frames, now, resubmit_of=old_id)
         self._reply(ident, header, "resubmit_reply",
