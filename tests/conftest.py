@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated runtime dir, one cluster per module, no leftover processes."""
 
+import contextlib
 import os
 import tempfile
 import time
@@ -35,13 +36,14 @@ def _children():
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A 2-engine embedded cluster for the whole module, always stopped."""
+@contextlib.contextmanager
+def running_cluster(n=2, profile=None, **kwargs):
+    """An embedded cluster of ``n`` engines, stopped on exit with no process left behind."""
     import ipyfarm as ipp
 
     before = _children()
-    c = ipp.Cluster(n=2, profile=f"test-{os.getpid()}")
+    c = ipp.Cluster(n=n, profile=profile or f"test-{os.getpid()}-{time.monotonic_ns()}",
+                    **kwargs)
     rc = c.start_and_connect_sync()
     pids = list(c.launcher.pids)
     try:
@@ -53,6 +55,13 @@ def cluster():
         assert left, f"processes left behind by the cluster: {_children() - before}"
         for pid in pids:
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-engine embedded cluster for the whole module, always stopped."""
+    with running_cluster(2, profile=f"test-{os.getpid()}") as (c, rc):
+        yield c, rc
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 Each test starts its own small cluster (engines get killed here) and always stops it.
 """
 
-import contextlib
 import os
 import signal
 import time
@@ -14,25 +13,11 @@ import pytest
 import ipyfarm as ipp
 from ipyfarm import error
 
-from .conftest import kill_pids, wait_until
+from .conftest import kill_pids, running_cluster, wait_until
 
 
-def _children():
-    return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-@contextlib.contextmanager
 def small_cluster(n=1, **kwargs):
-    before = _children()
-    c = ipp.Cluster(n=n, profile=f"limits-{os.getpid()}-{time.monotonic_ns()}", **kwargs)
-    rc = c.start_and_connect_sync()
-    try:
-        yield c, rc
-    finally:
-        c.stop_cluster_sync()
-        left = wait_until(lambda: not (_children() - before), 10)
-        kill_pids(_children() - before)
-        assert left, f"processes left behind: {_children() - before}"
+    return running_cluster(n, profile=f"limits-{os.getpid()}-{time.monotonic_ns()}", **kwargs)
 
 
 def ignore_sigint_and_sleep(seconds):
@@ -148,10 +133,6 @@ def test_standalone_controller_restarts_engines(tmp_path):
     import json
     import subprocess
     import sys
-
-    import psutil
-
-    from .conftest import kill_pids, wait_until
 
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
     profile = f"restart-{os.getpid()}"
