@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from typing import Any
 
 from . import paths
+from .cluster.base import BACKENDS
 
 __all__ = ["main"]
 
@@ -23,7 +25,23 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
     return run_standalone(n=args.n, profile=args.profile, ip=args.ip, log_level=args.log_level,
                           db=args.db, db_file=args.db_file, scheme=args.scheme, hwm=args.hwm,
-                          restart_engines=args.restart_engines)
+                          restart_engines=args.restart_engines, engines=args.engines,
+                          engine_options=_engine_options(args.engine_opt))
+
+
+def _engine_options(items: list[str]) -> dict[str, Any]:
+    """``--engine-opt KEY=VALUE`` pairs; a VALUE that parses as JSON is taken as such
+    (``hosts=["a","b"]``, ``cpus=2``), anything else as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"ipyfarm: --engine-opt wants KEY=VALUE, not {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.replace("-", "_")] = value
+    return out
 
 
 def _controller_argv(args: argparse.Namespace) -> list[str]:
@@ -35,6 +53,9 @@ def _controller_argv(args: argparse.Namespace) -> list[str]:
         cmd += ["--db-file", os.path.abspath(args.db_file)]
     if args.restart_engines:
         cmd.append("--restart-engines")
+    cmd += ["--engines", args.engines]
+    for item in args.engine_opt:
+        cmd += ["--engine-opt", item]
     return cmd
 
 
@@ -110,21 +131,38 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not found:
         print("no ipyfarm clusters running")
         return 0
-    print(f"{'PROFILE':<16} {'PID':>7} {'ENGINES':>7}  KIND      STARTED")
+    print(f"{'PROFILE':<16} {'PID':>7} {'ENGINES':>7}  {'KIND':<9} {'STARTED':<19}  LAUNCHER")
     for path, info in found:
         engines: Any = "?"
+        launcher = info.get("engines", "local")
         if not info.get("embedded"):
             try:
                 from .client.client import Client
 
                 with Client(url_file=path, timeout=2) as rc:
                     engines = len(rc.ids)
+                    launcher = _launcher_summary(rc.farm_status().get("launcher")) or launcher
             except Exception:
                 engines = "?"
         kind = "embedded" if info.get("embedded") else "process"
         print(f"{info.get('profile', '?'):<16} {info.get('pid', '?'):>7} {engines:>7}  "
-              f"{kind:<9} {info.get('created', '')[:19]}")
+              f"{kind:<9} {info.get('created', '')[:19]:<19}  {launcher}")
     return 0
+
+
+def _launcher_summary(desc: dict | None) -> str:
+    """``slurm job 12 RUNNING``-style text from a launcher's ``describe()``."""
+    if not desc:
+        return ""
+    if "error" in desc:
+        return f"? ({desc['error']})"
+    words = [str(desc.get("backend", "?"))]
+    for key in ("job_id", "state", "hosts"):
+        value = desc.get(key)
+        if value:
+            words.append(f"job {value}" if key == "job_id" else
+                         ",".join(map(str, value)) if isinstance(value, list) else str(value))
+    return " ".join(words)
 
 
 def install_kernelspec(user: bool = False, prefix: str | None = None) -> str:
@@ -192,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load-balanced tasks an engine may hold at once (default 1)")
         sp.add_argument("--restart-engines", action="store_true",
                         help="replace engines that die unexpectedly (at most 3 in 60 s)")
+        sp.add_argument("--engines", choices=sorted(BACKENDS), default="local",
+                        help="how engines are started: local processes (default), mpiexec, "
+                        "ssh or slurm")
+        sp.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the engine launcher (repeatable), e.g. "
+                        "hosts='[\"node1\"]' for ssh; see docs/ for each backend")
 
     sp = sub.add_parser("start", help="start a controller and n engines")
     cluster_opts(sp, os.cpu_count() or 1)

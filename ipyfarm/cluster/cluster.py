@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import time
 from typing import Any
@@ -25,7 +24,8 @@ from typing import Any
 from .. import error
 from ..controller import events as E
 from ..controller.embedded import EmbeddedController
-from .launcher import LocalEngineLauncher, RestartPolicy
+from .base import EngineLauncher, launcher_class
+from .launcher import RestartPolicy
 
 __all__ = ["Cluster"]
 
@@ -39,12 +39,17 @@ class Cluster:
                  heartbeat_period: float = 1.0, heartbeat_timeout: float = 10.0,
                  engine_timeout: float = 60.0, scheme: str = "leastload", hwm: int = 1,
                  restart_engines: bool = False, max_restarts: int = 3,
-                 restart_window: float = 60.0, **kwargs: Any):
+                 restart_window: float = 60.0, engine_options: dict | None = None,
+                 **kwargs: Any):
         if controller != "embedded":
             raise ValueError(f"controller={controller!r}: only 'embedded' runs in-process; "
                              "use `ipyfarm start` for a standalone controller")
-        if engines != "local":
-            raise ValueError(f"engines={engines!r}: only 'local' engines are available")
+        self.engine_launcher_class = launcher_class(engines)  # unknown names fail here
+        self.engine_options = dict(engine_options or {})
+        if restart_engines and self.engine_launcher_class.backend != "local":
+            raise ValueError("restart_engines=True needs local engines; the "
+                             f"{self.engine_launcher_class.backend!r} backend cannot restart "
+                             "them (its resource manager owns the processes)")
         self.n = n if n is not None else (os.cpu_count() or 1)
         self.profile = profile or "default"
         self.log_level = log_level
@@ -65,7 +70,7 @@ class Cluster:
                             "heartbeat_timeout": heartbeat_timeout,
                             "scheme": scheme, "hwm": hwm}
         self.controller: EmbeddedController | None = None
-        self.launcher: LocalEngineLauncher | None = None
+        self.launcher: EngineLauncher | None = None
         self._clients: list[Any] = []
         self._hostname = socket.gethostname()
 
@@ -83,10 +88,12 @@ class Cluster:
         ctl.hub.on_kill = self._kill_engine
         ctl.hub.on_shutdown = self._on_hub_shutdown
         self.controller = ctl
-        policy = (RestartPolicy(self.max_restarts, self.restart_window)
-                  if self.restart_engines else None)
-        self.launcher = LocalEngineLauncher(ctl.file, on_exit=self._engine_exited,
-                                            log_level=self.log_level, restart=policy)
+        options = dict(self.engine_options, on_exit=self._engine_exited,
+                       log_level=self.log_level)
+        if self.restart_engines:
+            options["restart"] = RestartPolicy(self.max_restarts, self.restart_window)
+        self.launcher = self.engine_launcher_class(ctl.file, **options)
+        ctl.hub.launcher_info = self.launcher.describe
 
     @property
     def restart_log(self) -> list[dict]:
@@ -100,8 +107,10 @@ class Cluster:
                 E.EngineProcessExited(time.monotonic(), pid, self._hostname, returncode))
 
     def _kill_engine(self, engine_id: int, pid: int) -> None:
-        if self.launcher is not None and pid in self.launcher.pids:
-            self.launcher.signal(signal.SIGKILL, [pid])
+        if self.launcher is None or self.controller is None:
+            return
+        record = self.controller.hub.state.engines.get(engine_id)
+        self.launcher.kill_engine(pid, record.hostname if record else self._hostname)
 
     def _on_hub_shutdown(self) -> None:
         self.stop_cluster_sync()

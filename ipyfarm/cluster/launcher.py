@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .base import EngineLauncher
+
 __all__ = ["LocalEngineLauncher", "RestartPolicy", "engine_command"]
 
 log = logging.getLogger("ipyfarm.cluster")
@@ -72,22 +74,20 @@ def engine_command(controller_file: str | Path, parent_pid: int | None = None,
     return cmd
 
 
-class LocalEngineLauncher:
-    """Engines as child processes of this process."""
+class LocalEngineLauncher(EngineLauncher):
+    """Engines as child processes of this process (the ``local`` backend)."""
+
+    backend = "local"
 
     def __init__(self, controller_file: str | Path, log_dir: str | Path | None = None,
                  on_exit: Callable[[int, int], None] | None = None,
                  poll_interval: float = 0.2, log_level: str = "WARNING",
                  restart: RestartPolicy | None = None):
-        self.controller_file = str(controller_file)
-        self.log_dir = Path(log_dir) if log_dir else None
-        self.on_exit = on_exit
+        super().__init__(controller_file, on_exit=on_exit, log_level=log_level,
+                         log_dir=log_dir)
         self.poll_interval = poll_interval
-        self.log_level = log_level
         self.procs: dict[int, subprocess.Popen] = {}
-        self.exited: dict[int, int] = {}
         self.restart = restart
-        self.restart_log: list[dict] = []  # one entry per unexpected exit, when restarting
         self._stopped: set[int] = set()  # pids that stop() was asked to end
         self.hostname = socket.gethostname()
         self._lock = threading.Lock()
@@ -163,6 +163,12 @@ class LocalEngineLauncher:
             log.warning("engine process %d exited (code %d) and was not restarted: %s",
                         pid, returncode, self.restart.gave_up)
         self.restart_log.append(entry)
+
+    def kill_engine(self, pid: int, hostname: str) -> bool:
+        if pid not in self.pids:
+            return False
+        self.signal(signal.SIGKILL, [pid])
+        return True
 
     def poll(self) -> dict[int, int | None]:
         with self._lock:

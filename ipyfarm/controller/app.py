@@ -20,7 +20,8 @@ from typing import Any
 
 from .. import paths
 from ..error import IPyFarmError
-from ..cluster.launcher import LocalEngineLauncher, RestartPolicy
+from ..cluster.base import launcher_class
+from ..cluster.launcher import RestartPolicy
 from . import events as E
 from .db import MemoryTaskDB
 from .hub import Hub
@@ -76,7 +77,8 @@ def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
                    log_level: str = "WARNING", heartbeat_period: float = 1.0,
                    heartbeat_timeout: float = 10.0, db: str = "memory",
                    db_file: str | None = None, scheme: str = DEFAULT_SCHEME,
-                   hwm: int = DEFAULT_HWM, restart_engines: bool = False) -> int:
+                   hwm: int = DEFAULT_HWM, restart_engines: bool = False,
+                   engines: str = "local", engine_options: dict | None = None) -> int:
     """Serve until stopped; returns the process exit status."""
     logging.basicConfig(level=log_level, format="[ipyfarm %(levelname)s] %(message)s")
     file = paths.cluster_file(profile)
@@ -99,7 +101,8 @@ def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
             return 1
         hub = Hub(ip=ip, heartbeat_period=heartbeat_period,
                   heartbeat_timeout=heartbeat_timeout, state=state)
-        return _serve(hub, n, profile, file, log_level, restart_engines)
+        return _serve(hub, n, profile, file, log_level, restart_engines, engines,
+                      engine_options or {})
     finally:
         task_db_close(task_db)
 
@@ -112,21 +115,26 @@ def task_db_close(db: Any) -> None:
 
 
 def _serve(hub: Hub, n: int, profile: str, file: Path, log_level: str,
-           restart_engines: bool = False) -> int:
+           restart_engines: bool = False, engines: str = "local",
+           engine_options: dict | None = None) -> int:
     info = hub.connection_info()
-    info.update(profile=profile, embedded=False, n=n,
+    info.update(profile=profile, embedded=False, n=n, engines=engines,
                 created=datetime.now(timezone.utc).isoformat())
-    paths.write_secure_json(file, info)
     hostname = socket.gethostname()
-    launcher = LocalEngineLauncher(
+    options = dict(engine_options or {})
+    if restart_engines:
+        options["restart"] = RestartPolicy()
+    launcher = launcher_class(engines)(
         file, log_dir=paths.runtime_dir() / f"ipyfarm-{profile}-logs", log_level=log_level,
         on_exit=lambda pid, rc: hub.post(E.EngineProcessExited(time.monotonic(), pid,
                                                                hostname, rc)),
-        restart=RestartPolicy() if restart_engines else None)
+        **options)
+    paths.write_secure_json(file, info)
+    hub.launcher_info = launcher.describe
 
     def kill(engine_id: int, pid: int) -> None:
-        if pid in launcher.pids:
-            launcher.signal(signal.SIGKILL, [pid])
+        record = hub.state.engines.get(engine_id)
+        launcher.kill_engine(pid, record.hostname if record else hostname)
 
     hub.on_kill = kill
     hub.on_shutdown = hub.stop

@@ -80,6 +80,8 @@ class Hub:
         self.dropped: collections.Counter = collections.Counter()
         self.on_kill: Callable[[int, int], None] | None = None
         self.on_shutdown: Callable[[], None] | None = None
+        #: the engine launcher's description (backend, job id and state...) for status
+        self.launcher_info: Callable[[], dict] | None = None
         self._posted: collections.deque = collections.deque()
         # clients in this process: their messages come and go as frame lists, no sockets
         self._local: dict[bytes, Callable[[list], None]] = {}  # receiving ident -> deliver
@@ -577,8 +579,13 @@ class Hub:
                     {"status": "ok", "resubmitted": resubmitted})
 
     def _q_status_request(self, ident: bytes, header: dict, content: dict) -> None:
-        self._reply(ident, header, "status_reply",
-                    {"status": "ok", "farm": self.state.status_snapshot()})
+        farm = self.state.status_snapshot()
+        if self.launcher_info is not None:
+            try:
+                farm["launcher"] = self.launcher_info()
+            except Exception as e:  # a resource manager's command failing must not hurt
+                farm["launcher"] = {"error": f"{type(e).__name__}: {e}"}
+        self._reply(ident, header, "status_reply", {"status": "ok", "farm": farm})
 
     def _q_db_request(self, ident: bytes, header: dict, content: dict) -> None:
         try:

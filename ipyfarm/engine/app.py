@@ -321,10 +321,12 @@ class FarmEngineApp(IPKernelApp):
         try:
             # inside the try: a SIGTERM during registration must still stop the link
             # thread, or the interpreter would wait for it at exit
-            if self.link is not None:
-                self._register()
+            # watched before registering: a parent killed while its controller's reply is
+            # still in flight would otherwise leave the engine waiting out the timeout
             if self.parent_pid:
                 watch_process(self.parent_pid, self._stop_engine)
+            if self.link is not None:
+                self._register()
             super().start()
         finally:
             if self.link is not None:
