@@ -27,7 +27,8 @@ from ipyfarm import error
 
 from .conftest import kill_pids, wait_until
 
-pytestmark = pytest.mark.stress
+SOAK_SECONDS = float(os.environ.get("IPYFARM_SOAK_SECONDS", "600"))
+pytestmark = [pytest.mark.stress, pytest.mark.timeout(SOAK_SECONDS + 900)]
 
 
 def _square_after(x, delay):
@@ -45,7 +46,7 @@ def _engine_pids(ctl):
 
 
 def test_soak_with_random_engine_kills(tmp_path):
-    duration = float(os.environ.get("IPYFARM_SOAK_SECONDS", "600"))
+    duration = SOAK_SECONDS
     kill_every = float(os.environ.get("IPYFARM_SOAK_KILL_EVERY", "30"))
     pause = float(os.environ.get("IPYFARM_SOAK_PAUSE", "0.5"))
     warmup = min(300.0, duration / 4)
@@ -80,6 +81,8 @@ def test_soak_with_random_engine_kills(tmp_path):
             if now - last_sample >= 10 or not samples:
                 samples.append((now - t0, ctl.memory_info().rss / 2**20))
                 last_sample = now
+                print(f"soak: {samples[-1][0]:.0f} s controller RSS {samples[-1][1]:.1f} MB, "
+                      f"{counts}", flush=True)
             xs = list(range(counts["tasks"], counts["tasks"] + 200))
             delays = [rng.choice((0.0, 0.0, 0.001, 0.01)) for _ in xs]
             ar = view.map_async(_square_after, xs, delays, chunksize=1, return_exceptions=True)
