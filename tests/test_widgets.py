@@ -24,6 +24,7 @@ from ipyfarm.widgets.model import (
     FarmModel,
     FarmSnapshot,
     ThroughputPoint,
+    launcher_summary,
     throughput_svg,
 )
 
@@ -161,6 +162,26 @@ def test_engine_row_from_a_status_row_with_missing_fields():
     assert (row.engine_id, row.state, row.queue, row.memory) == (3, "idle", 0, "–")
 
 
+def test_launcher_line_from_the_launchers_description():
+    slurm = {"backend": "slurm", "job_id": 12, "state": "RUNNING", "running": 1,
+             "jobs": [{"job_id": 12, "state": "RUNNING"}]}
+    assert launcher_summary(slurm) == "slurm job 12 RUNNING"
+    assert launcher_summary({"backend": "ssh", "hosts": ["n1", "n2"]}) == "ssh n1,n2"
+    assert launcher_summary({"backend": "local", "running": 2}) == "local"
+    assert launcher_summary({"error": "SlurmError: no squeue"}) == "? (SlurmError: no squeue)"
+    assert launcher_summary(None) == launcher_summary({}) == ""
+    snap = FarmSnapshot.from_status(dict(status([engine(0)]), launcher=slurm), taken_at=0.0)
+    assert snap.launcher == "slurm job 12 RUNNING"
+    assert snap.to_text().splitlines()[1] == "launcher: slurm job 12 RUNNING"
+    assert '<div class="ipyfarm-launcher">launcher: slurm job 12 RUNNING</div>' in snap.to_html()
+    hostile = dict(status(), launcher={"backend": "<i>x</i>", "state": "R&D"})
+    page = FarmSnapshot.from_status(hostile, 0.0).to_html()
+    assert "<i>x</i>" not in page and "&lt;i&gt;x&lt;/i&gt; R&amp;D" in page
+    bare = FarmSnapshot.from_status(status(), 0.0)  # an older controller: no launcher key
+    assert bare.launcher == "" and "ipyfarm-launcher" not in bare.to_html()
+    assert not any(ln.startswith("launcher:") for ln in bare.to_text().splitlines())
+
+
 def test_the_model_is_pure():
     tree = ast.parse(Path(ipp.widgets.model.__file__).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
@@ -212,6 +233,22 @@ class ScriptedClient:
 
 def texts(row):
     return [c.value for c in row.children[:-1]]
+
+
+def test_launcher_line_follows_the_job_state():
+    running = dict(status([engine(0)]), launcher={"backend": "slurm", "job_id": 7,
+                                                  "state": "RUNNING"})
+    gone = dict(status(), launcher={"backend": "slurm", "job_id": 7, "state": "CANCELLED"})
+    client = ScriptedClient([running, gone])
+    d = Dashboard(client, autostart=False)
+    try:
+        assert "ipyfarm-launcher" in d.launcher_line._dom_classes
+        assert d.launcher_line in d.children
+        assert d.launcher_line.value == "launcher: slurm job 7 RUNNING"
+        d.refresh()
+        assert d.launcher_line.value == "launcher: slurm job 7 CANCELLED"
+    finally:
+        d.close()
 
 
 def test_rows_are_updated_in_place_and_rebuilt_only_when_the_engines_change():

@@ -8,8 +8,10 @@ while other cells run, until :meth:`Dashboard.close`, the widget's comm closing,
 client closing. Buttons call public client / cluster methods and then refresh.
 
 Stable CSS classes (the browser tests rely on them): ``ipyfarm-dashboard`` on the box,
-``ipyfarm-engine-row`` on each engine row, and one per button: ``ipyfarm-add-engines``,
-``ipyfarm-stop-engine``, ``ipyfarm-interrupt``, ``ipyfarm-abort``, ``ipyfarm-clear``.
+``ipyfarm-engine-row`` on each engine row, ``ipyfarm-launcher`` on the line that says how
+the engines were started (``slurm job 12 RUNNING``), and one per button:
+``ipyfarm-add-engines``, ``ipyfarm-stop-engine``, ``ipyfarm-interrupt``, ``ipyfarm-abort``,
+``ipyfarm-clear``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class Dashboard(W.VBox):
     def _build(self) -> None:
         self.header = W.HTML(layout=W.Layout(margin="0 0 4px 0"))
         self.header.add_class("ipyfarm-summary")
+        self.launcher_line = W.HTML()
+        self.launcher_line.add_class("ipyfarm-launcher")
         self.add_count = W.BoundedIntText(value=1, min=1, max=256, description="",
                                           layout=W.Layout(width="60px"))
         self.add_count.add_class("ipyfarm-add-count")
@@ -132,9 +136,10 @@ class Dashboard(W.VBox):
         self.message.add_class("ipyfarm-dashboard-message")
         self._static = [self.header, self.add_count, self.add_button, self.interrupt_button,
                         self.abort_button, self.clear_button, toolbar, *heading.children,
-                        heading, self.table, self.totals, self.plot, self.message]
-        self.children = [self.header, toolbar, self.table, self.totals, self.plot,
-                         self.message]
+                        heading, self.table, self.totals, self.plot, self.message,
+                        self.launcher_line]
+        self.children = [self.header, self.launcher_line, toolbar, self.table, self.totals,
+                         self.plot, self.message]
 
     def _button(self, label: str, css: str, action: Callable[[], str], icon: str,
                 tooltip: str) -> W.Button:
@@ -177,6 +182,8 @@ class Dashboard(W.VBox):
 
     def _show(self, snap: FarmSnapshot) -> None:
         self._set(self.header, f"<b>ipyfarm</b> · {html.escape(snap.summary())}")
+        self._set(self.launcher_line,
+                  f"launcher: {html.escape(snap.launcher)}" if snap.launcher else "")
         if tuple(self._rows) != snap.engine_ids:
             self._rebuild_rows(snap.engine_ids)
         for row in snap.engines:

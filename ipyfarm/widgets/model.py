@@ -25,6 +25,7 @@ __all__ = [
     "FarmModel",
     "FarmSnapshot",
     "ThroughputPoint",
+    "launcher_summary",
     "throughput_svg",
 ]
 
@@ -102,6 +103,7 @@ class FarmSnapshot:
     throughput: float | None = None  # tasks/s since the previous snapshot; None for the first
     history: tuple[ThroughputPoint, ...] = field(default=())
     window: float = HISTORY_WINDOW
+    launcher: str = ""  # how the engines were started: "slurm job 12 RUNNING"; "" unknown
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any], taken_at: float,
@@ -123,6 +125,7 @@ class FarmSnapshot:
             scheme=str(status.get("scheme") or ""), hwm=status.get("hwm"),
             throughput=rate_between(previous, finished, taken_at),
             history=tuple(history), window=window,
+            launcher=launcher_summary(status.get("launcher")),
         )
 
     # ------------------------------------------------------------------ derived
@@ -166,6 +169,8 @@ class FarmSnapshot:
         rows = [header] + [r.cells() for r in self.engines]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [f"ipyfarm farm: {self.summary()}"]
+        if self.launcher:
+            lines.append(f"launcher: {self.launcher}")
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                   for row in rows]
         if not self.engines:
@@ -187,6 +192,7 @@ class FarmSnapshot:
         return (
             '<div class="ipyfarm-dashboard">'
             f'<div class="ipyfarm-summary"><b>ipyfarm</b> · {esc(self.summary())}</div>'
+            f'{self.launcher_html()}'
             f'<table class="ipyfarm-engines"><thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table>"
             f'<table class="ipyfarm-task-totals"><tr>{totals}</tr><tr>{counts}</tr></table>'
@@ -194,9 +200,34 @@ class FarmSnapshot:
             "</div>"
         )
 
+    def launcher_html(self) -> str:
+        """``<div class="ipyfarm-launcher">launcher: …</div>``, or "" when unknown."""
+        if not self.launcher:
+            return ""
+        return f'<div class="ipyfarm-launcher">launcher: {html.escape(self.launcher)}</div>'
+
     def plot_svg(self, width: int = 360, height: int = 60) -> str:
         """The throughput history as an inline SVG (see :func:`throughput_svg`)."""
         return throughput_svg(self.history, self.taken_at, self.window, width, height)
+
+
+def launcher_summary(desc: Mapping[str, Any] | None) -> str:
+    """One line from a launcher's ``describe()`` (``farm_status()["launcher"]``):
+    ``"slurm job 12 RUNNING"``, ``"ssh node1,node2"``, ``"local"``; "" without one."""
+    if not desc:
+        return ""
+    if "error" in desc:
+        return f"? ({desc['error']})"
+    words = [str(desc.get("backend") or "?")]
+    if desc.get("job_id") is not None:
+        words.append(f"job {desc['job_id']}")
+    if desc.get("state"):
+        words.append(str(desc["state"]))
+    hosts = desc.get("hosts")
+    if hosts:
+        words.append(",".join(map(str, hosts)) if isinstance(hosts, (list, tuple))
+                     else str(hosts))
+    return " ".join(words)
 
 
 def _title(row: EngineRow) -> str:
