@@ -26,7 +26,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     return run_standalone(n=args.n, profile=args.profile, ip=args.ip, log_level=args.log_level,
                           db=args.db, db_file=args.db_file, scheme=args.scheme, hwm=args.hwm,
                           restart_engines=args.restart_engines, engines=args.engines,
-                          engine_options=_engine_options(args.engine_opt))
+                          engine_options=_engine_options(args.engine_opt),
+                          curve=args.curve)
 
 
 def _engine_options(items: list[str]) -> dict[str, Any]:
@@ -56,6 +57,8 @@ def _controller_argv(args: argparse.Namespace) -> list[str]:
     cmd += ["--engines", args.engines]
     for item in args.engine_opt:
         cmd += ["--engine-opt", item]
+    if args.curve is not None:
+        cmd.append("--curve" if args.curve else "--no-curve")
     return cmd
 
 
@@ -217,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-n", type=int, default=n_default, help="number of engines")
         sp.add_argument("--profile", default="default", help="cluster name")
         sp.add_argument("--ip", default="127.0.0.1", help="address to listen on")
+        sp.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
+                        help="CurveZMQ encryption of all traffic (default: on when --ip is "
+                        "beyond loopback); --no-curve sends plain text")
         sp.add_argument("--log-level", default="WARNING")
         sp.add_argument("--timeout", type=float, default=60.0)
         sp.add_argument("--db", choices=DB_KINDS, default="memory",

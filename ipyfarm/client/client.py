@@ -101,7 +101,8 @@ class Client:
 
             url = info["inproc"]  # an embedded controller of this process: no TCP
             hub = hub_at(url)  # and, while it runs, no sockets at all
-        self._io = ClientIO(self.context, url, self._on_message, hub=hub)
+        self._io = ClientIO(self.context, url, self._on_message, hub=hub,
+                            curve_serverkey=info.get("curve_publickey"))
         self._io.start()
         try:
             reply = self._hub_request("connection_request", {}, timeout=timeout)

@@ -23,12 +23,14 @@ from typing import Any, Callable
 
 import zmq
 
+from .. import curve
+
 log = logging.getLogger("ipyfarm.client")
 
 
 class ClientIO(threading.Thread):
     def __init__(self, context: zmq.Context, url: str, on_message: Callable[[list], None],
-                 hub: Any = None):
+                 hub: Any = None, curve_serverkey: str | None = None):
         super().__init__(name="ipyfarm-client-io", daemon=True)
         self.on_message = on_message
         base = f"c{os.getpid():x}-{os.urandom(6).hex()}".encode()
@@ -45,6 +47,8 @@ class ClientIO(threading.Thread):
             s.sndhwm = 0
             s.rcvhwm = 0
         if hub is None:
+            for s in (self.sock, self.out):  # the controller's Curve key: encrypted
+                curve.connect_as_client(s, curve_serverkey)
             self.sock.connect(url)
             self.out.connect(url)
         addr = f"inproc://ipyfarm-client-wake-{base.decode()}"

@@ -40,7 +40,7 @@ class Cluster:
                  engine_timeout: float = 60.0, scheme: str = "leastload", hwm: int = 1,
                  restart_engines: bool = False, max_restarts: int = 3,
                  restart_window: float = 60.0, engine_options: dict | None = None,
-                 **kwargs: Any):
+                 curve: bool | None = None, **kwargs: Any):
         if controller != "embedded":
             raise ValueError(f"controller={controller!r}: only 'embedded' runs in-process; "
                              "use `ipyfarm start` for a standalone controller")
@@ -68,7 +68,9 @@ class Cluster:
         self.restart_window = restart_window
         self._hub_kwargs = {"heartbeat_period": heartbeat_period,
                             "heartbeat_timeout": heartbeat_timeout,
-                            "scheme": scheme, "hwm": hwm}
+                            "scheme": scheme, "hwm": hwm,
+                            # CurveZMQ: None = on iff ip is beyond loopback (ipyfarm.curve)
+                            "curve": curve}
         self.controller: EmbeddedController | None = None
         self.launcher: EngineLauncher | None = None
         self._clients: list[Any] = []

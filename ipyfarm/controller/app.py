@@ -78,8 +78,10 @@ def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
                    heartbeat_timeout: float = 10.0, db: str = "memory",
                    db_file: str | None = None, scheme: str = DEFAULT_SCHEME,
                    hwm: int = DEFAULT_HWM, restart_engines: bool = False,
-                   engines: str = "local", engine_options: dict | None = None) -> int:
-    """Serve until stopped; returns the process exit status."""
+                   engines: str = "local", engine_options: dict | None = None,
+                   curve: bool | None = None) -> int:
+    """Serve until stopped; returns the process exit status. ``curve``: CurveZMQ
+    encryption (None: on iff ``ip`` is beyond loopback; see ipyfarm.curve)."""
     logging.basicConfig(level=log_level, format="[ipyfarm %(levelname)s] %(message)s")
     file = paths.cluster_file(profile)
     if file.exists():
@@ -100,7 +102,7 @@ def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
             print(f"ipyfarm: {e}", file=sys.stderr)
             return 1
         hub = Hub(ip=ip, heartbeat_period=heartbeat_period,
-                  heartbeat_timeout=heartbeat_timeout, state=state)
+                  heartbeat_timeout=heartbeat_timeout, state=state, curve=curve)
         return _serve(hub, n, profile, file, log_level, restart_engines, engines,
                       engine_options or {})
     finally:

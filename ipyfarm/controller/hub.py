@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import zmq
 
+from .. import curve
 from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
     DELIM,
@@ -53,6 +54,15 @@ def give_back_memory() -> None:
         pass
 
 
+def _curve_keys(ip: str, wanted: bool | None) -> tuple[str, str] | None:
+    """A fresh cluster keypair when Curve is on for ``ip`` (see ipyfarm.curve), else None."""
+    if curve.wanted(ip, wanted):
+        return curve.new_keypair()
+    if not curve.is_loopback(ip):
+        log.warning("controller: " + curve.PLAINTEXT_WARNING.format(ip=ip))
+    return None
+
+
 class Hub:
     """Sockets and the event loop around a :class:`ControllerState`."""
 
@@ -67,9 +77,11 @@ class Hub:
         scheme: str = "leastload",
         hwm: int = 1,
         db: Any = None,
+        curve: bool | None = None,
     ):
         self.key = key if key is not None else secrets.token_hex(32).encode()
         self.ip = ip
+        self.curve_keys = _curve_keys(ip, curve)  # (public, secret) z85, or None: plain
         self.session = FarmSession(key=self.key, username="ipyfarm-controller")
         if db is None:  # wall clock minus monotonic: records can say when they arrived
             db = MemoryTaskDB(clock_offset=time.time() - time.monotonic())
@@ -111,6 +123,8 @@ class Hub:
             # a ROUTER drops what exceeds its high-water mark: never lose a reply
             s.sndhwm = 0
             s.rcvhwm = 0
+            if self.curve_keys is not None:
+                curve.serve(s, *self.curve_keys)
         self.client_port = self.client_sock.bind_to_random_port(f"tcp://{self.ip}")
         # clients in this process (same zmq context) skip TCP
         self.inproc_url = f"inproc://ipyfarm-hub-{os.getpid()}-{id(self)}"
@@ -139,6 +153,7 @@ class Hub:
             "client": f"tcp://{self.ip}:{self.client_port}",
             "registration": f"tcp://{self.ip}:{self.reg_port}",
             "pid": os.getpid(),
+            **(curve.record(*self.curve_keys) if self.curve_keys is not None else {}),
         }
 
     # ------------------------------------------------------------------ threading
@@ -674,6 +689,7 @@ class Hub:
             s.linger = 0
             s.sndhwm = 0
             s.rcvhwm = 0
+            curve.connect_as_client(s, self.curve_keys and self.curve_keys[0])
         shell.connect(url(ci["shell_port"]))
         control.connect(url(ci["control_port"]))
         iopub.connect(url(ci["iopub_port"]))

@@ -29,6 +29,7 @@ import zmq
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
 from traitlets import Bool, Dict, Float, Integer, Type, Unicode, default
 
+from ipyfarm import curve
 from ipyfarm.engine.capture import EngineSession
 from ipyfarm.engine.kernel import EngineExit, FarmKernel
 from ipyfarm.engine.lifeline import watch_process
@@ -219,6 +220,9 @@ class FarmEngineApp(IPKernelApp):
             host = _host_of(self.url)
             if host in ("*", "0.0.0.0", "::") and info.get("location"):
                 self.url = self.url.replace(host, info["location"], 1)
+            keys = curve.keys_from(info)
+            if keys is not None:  # the kernel's sockets serve Curve with the cluster keypair
+                self.curve_publickey, self.curve_secretkey = (k.encode() for k in keys)
         if not self.url:
             return
         if not self.key:
@@ -241,6 +245,13 @@ class FarmEngineApp(IPKernelApp):
             super().init_sockets()
         finally:
             self.log.removeFilter(drop)
+
+    def _bind_socket(self, s: Any, port: int) -> Any:
+        # ipykernel >= 7.4 sets Curve options from these traits itself; older ones don't
+        keys = getattr(self, "curve_secretkey", None), getattr(self, "curve_publickey", None)
+        if keys[0] is not None and keys[1] is not None:
+            curve.serve(s, keys[1], keys[0])
+        return super()._bind_socket(s, port)
 
     def log_connection_info(self) -> None:
         # the stock version prints a Ctrl-C note to stdout; an engine has no terminal user
@@ -310,7 +321,8 @@ class FarmEngineApp(IPKernelApp):
             username="ipyfarm-engine",
         )
         self.link = ControllerLink(
-            self.url, link_session, self.engine_uuid, registration, self._stop_engine, self.log
+            self.url, link_session, self.engine_uuid, registration, self._stop_engine, self.log,
+            curve_serverkey=getattr(self, "curve_publickey", None),
         )
 
     # ---- running ----------------------------------------------------------------------
@@ -360,7 +372,9 @@ class FarmEngineApp(IPKernelApp):
                 f"ipyfarm engine {self.engine_uuid}: registration failed: {e}.\n"
                 "Likely cause: the controller is not running or listens elsewhere (a stale "
                 f"{where}), a firewall blocks the port, or the engine has another cluster "
-                "key (the controller drops badly signed messages).\n"
+                "key (the controller drops badly signed messages), or the controller "
+                "encrypts (CurveZMQ, on by default beyond loopback) and the engine lacks its "
+                "key: --url/--key carry none, pass --controller-file instead.\n"
                 "What to do: check that the cluster is running (`ipyfarm list`), then start "
                 "engines from it, or pass its current controller file."
             )

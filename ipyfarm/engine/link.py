@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from ipyfarm import curve
 from ipyfarm.protocol.messages import SchemaError, validate
 from ipyfarm.protocol.session import FarmSession, SignatureError, split_identities
 
@@ -61,8 +62,10 @@ class ControllerLink:
         registration: dict[str, Any],
         on_lost: Callable[[str], None],
         log: Any,
+        curve_serverkey: bytes | None = None,
     ) -> None:
         self.url = url
+        self.curve_serverkey = curve_serverkey  # the controller's Curve key, None: plain
         self.session = session
         self.uuid = uuid
         self.registration = registration
@@ -112,6 +115,7 @@ class ControllerLink:
         context = zmq.Context(io_threads=1)
         sock = context.socket(zmq.DEALER)
         sock.linger = 1000
+        curve.connect_as_client(sock, self.curve_serverkey)
         sock.connect(self.url)
         try:
             if self._do_register(sock):
