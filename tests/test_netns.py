@@ -119,7 +119,8 @@ def _stop(procs, grace=5.0):
 def _run_two_hosts(tmp_path, curve):
     """Controller in one namespace, engines and client in the other, tcpdump on the veth.
 
-    Returns (client output, controller file contents, capture bytes, seconds taken).
+    Returns (client output, controller file contents, capture bytes, seconds taken,
+    the controller's log).
     """
     name = "curve" if curve else "plain"
     profile = f"netns-{TAG}-{name}"
@@ -172,7 +173,7 @@ def _run_two_hosts(tmp_path, curve):
             procs[0].send_signal(signal.SIGINT)  # tcpdump writes out what it has
             _stop(procs[:1], grace=10)
     assert not file.exists(), "the controller left its connection file behind"
-    return out, info, pcap.read_bytes(), elapsed
+    return out, info, pcap.read_bytes(), elapsed, (logs / "controller.log").read_text()
 
 
 def _check_work(out):
@@ -185,10 +186,11 @@ def _check_work(out):
 
 
 def test_curve_on_beyond_loopback_no_plaintext_on_the_wire(hosts, tmp_path):
-    out, info, capture, elapsed = _run_two_hosts(tmp_path, curve=True)
+    out, info, capture, elapsed, log = _run_two_hosts(tmp_path, curve=True)
     _check_work(out)
     assert info["client"].startswith(f"tcp://{CTL_IP}:")
     assert info.get("curve_publickey") and info.get("curve_secretkey")  # on by default
+    assert "plain text" not in log
     assert out["curve"] is True
     # the capture holds the traffic (the greetings name the mechanism) but not the marker
     assert len(capture) > 20_000, len(capture)
@@ -200,8 +202,9 @@ def test_curve_on_beyond_loopback_no_plaintext_on_the_wire(hosts, tmp_path):
 
 
 def test_no_curve_sends_plaintext_that_the_capture_sees(hosts, tmp_path):
-    out, info, capture, elapsed = _run_two_hosts(tmp_path, curve=False)
+    out, info, capture, elapsed, log = _run_two_hosts(tmp_path, curve=False)
     _check_work(out)
+    assert "without CurveZMQ encryption" in log and "plain text" in log  # warned
     assert "curve_publickey" not in info and out["curve"] is False
     assert b"NULL\0" in capture and b"CURVE" not in capture
     assert capture.count(MARKER.encode()) >= 6  # code, arguments, results, output
