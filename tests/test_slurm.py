@@ -109,7 +109,7 @@ def test_command_lines_golden():
     assert sbatch_command() == ["sbatch", "--parsable"]
     assert sbatch_command("/opt/slurm/bin/sbatch") == ["/opt/slurm/bin/sbatch", "--parsable"]
     assert squeue_command([12, 13]) == ["squeue", "--noheader", "--states=all",
-                                        "--jobs=12,13", "--format=%i|%T"]
+                                        "--jobs=12,13", "--format=%i|%T|%r"]
     assert scancel_command([12]) == ["scancel", "12"]
     assert scancel_command([12, 13], signal.SIGINT) == ["scancel", "--signal=INT", "12", "13"]
     assert scancel_command([5], signal.SIGKILL, full=True) == [
@@ -125,8 +125,10 @@ def test_parsing_slurms_answers():
     assert parse_sbatch_output("43;cluster2\n") == 43
     with pytest.raises(SlurmError, match="no job id"):
         parse_sbatch_output("Submitted batch job 44\n")
-    out = "12|RUNNING\n13|PENDING\n 14|CANCELLED by 0\n12.0|RUNNING\ngarbage\n"
-    assert parse_squeue_output(out) == {12: "RUNNING", 13: "PENDING", 14: "CANCELLED"}
+    out = ("12|RUNNING|None\n13|PENDING|Resources\n 14|CANCELLED by 0|None\n"
+           "12.0|RUNNING|None\ngarbage\n15|\n")
+    assert parse_squeue_output(out) == {12: ("RUNNING", "None"), 13: ("PENDING", "Resources"),
+                                        14: ("CANCELLED", "None")}
     assert [exit_code(s) for s in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED",
                                    "CANCELLED", "FAILED", "TIMEOUT", "GONE")] == [
         None, None, None, 0, 1, 1, 1, 1]
@@ -143,6 +145,15 @@ def test_the_launchers_script_runs_one_engine_per_task(tmp_path):
         "--log-level DEBUG"]
     assert launcher.describe() == {"backend": "slurm", "jobs": [], "running": 0}
     assert launcher.poll() == {} and launcher.wait(0)
+    assert launcher.job_log(7) == "/l/e-7.out" and launcher.hint() == ""
+    launcher.states.update({7: "PENDING", 8: "FAILED", 9: "COMPLETED", 10: "RUNNING"})
+    launcher.reasons[7] = "Resources"
+    assert launcher.hint() == (
+        "Slurm job 7 is PENDING (Resources): `squeue -j 7` and `scontrol show job 7` say what "
+        "it waits for; Slurm job 8 ended FAILED; its output is in /l/e-8.out")
+    default = SlurmEngineLauncher(tmp_path / "c.json", log_dir=tmp_path / "logs")
+    assert default.job_log(3) == str(tmp_path / "logs" / "ipyfarm-engines-3.out")
+    assert launcher.poll() == {7: None, 10: None} and not launcher.wait(0)
     with pytest.raises(ValueError, match="whitespace"):  # bad options fail at once
         SlurmEngineLauncher(tmp_path / "c.json", partition="a b")
     with pytest.raises(TypeError):
@@ -218,6 +229,7 @@ def test_job_state_in_describe_farm_status_and_the_dashboard(farm, slurm):
     desc = c.launcher.describe()
     assert desc["backend"] == "slurm" and desc["job_id"] == job and desc["running"] == 1
     assert desc["jobs"] == [{"job_id": job, "state": "RUNNING"}]
+    assert desc["log"].endswith(f"/engines-{job}.out") and "hint" not in desc
     assert rc.farm_status()["launcher"] == desc
     from ipyfarm.widgets.model import FarmModel
 
@@ -284,6 +296,19 @@ def test_stop_cancels_the_job_and_its_engines_are_gone(farm, slurm):
     assert c.launcher.describe()["state"] == "FAILED"  # the newest job: the second one
     assert wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), 10)
     assert wait_until(lambda: slurm.node_state() == "idle", 20)
+
+
+def test_a_job_that_fails_at_start_up_says_where_its_output_is(slurm, tmp_path):
+    c = ipp.Cluster(n=1, engines="slurm", profile=f"test-slurm-bad-{os.getpid()}",
+                    engine_options={"python": str(tmp_path / "no-python"), "poll_interval": 0.5,
+                                    "output": f"{tmp_path}/bad-%j.out"})
+    with pytest.raises(ipp.error.EngineError) as info:
+        c.start_and_connect_sync()
+    (job,) = c.launcher.job_ids
+    log = tmp_path / f"bad-{job}.out"
+    assert f"Slurm job {job} ended FAILED; its output is in {log}" in str(info.value)
+    assert "no-python" in log.read_text()  # srun's complaint, for the user to read
+    assert c.controller is None  # the failed start stopped the controller
 
 
 def ipyfarm_cli(*args, timeout=120):

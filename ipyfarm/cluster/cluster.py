@@ -161,16 +161,22 @@ class Cluster:
                 raise error.EngineError(
                     f"{len(self.launcher.exited)} engine(s) exited during start-up (exit codes "
                     f"{codes}). Run `python -m ipyfarm.engine --help` to check the engine can "
-                    "start; set Cluster(log_level='DEBUG') for details.")
+                    f"start; set Cluster(log_level='DEBUG') for details.{self._launcher_hint()}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise error.TimeoutError(
                     f"only {len(rc.ids)} of {n} engines registered within "
-                    f"{self.engine_timeout} s; the machine may be overloaded")
+                    f"{self.engine_timeout} s; the machine may be overloaded."
+                    f"{self._launcher_hint()}")
             try:
                 rc.wait_for_engines(n, timeout=min(left, 0.25))
             except error.TimeoutError:
                 pass
+
+    def _launcher_hint(self) -> str:
+        """The launcher's advice on engines that do not come (a pending Slurm job...)."""
+        hint = self.launcher.describe().get("hint") if self.launcher is not None else None
+        return f" {hint}." if hint else ""
 
     # ------------------------------------------------------------------ stop
     def stop_engines_sync(self, engine_ids: Any = None) -> None:

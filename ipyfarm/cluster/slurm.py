@@ -155,18 +155,19 @@ def parse_sbatch_output(stdout: str) -> int:
 
 
 def squeue_command(job_ids: Iterable[int], squeue: str = "squeue") -> list[str]:
-    """List the jobs' ids and states, one ``id|STATE`` line each, finished ones too."""
+    """List the jobs, finished ones too: one ``id|STATE|reason`` line each."""
     ids = ",".join(str(int(j)) for j in job_ids)
-    return [squeue, "--noheader", "--states=all", f"--jobs={ids}", "--format=%i|%T"]
+    return [squeue, "--noheader", "--states=all", f"--jobs={ids}", "--format=%i|%T|%r"]
 
 
-def parse_squeue_output(stdout: str) -> dict[int, str]:
-    """``{job_id: STATE}`` from :func:`squeue_command`'s output (steps are skipped)."""
-    states: dict[int, str] = {}
+def parse_squeue_output(stdout: str) -> dict[int, tuple[str, str]]:
+    """``{job_id: (STATE, reason)}`` from :func:`squeue_command`'s output."""
+    states: dict[int, tuple[str, str]] = {}
     for line in stdout.splitlines():
-        job, sep, state = line.strip().partition("|")
-        if sep and job.isdigit():
-            states[int(job)] = state.strip().split()[0] if state.strip() else "?"
+        job, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if job.isdigit() and state.strip():
+            states[int(job)] = (state.split()[0], reason.strip())
     return states
 
 
@@ -240,6 +241,8 @@ class SlurmEngineLauncher(EngineLauncher):
         self.hostname = socket.gethostname()
         #: job id -> last state seen (squeue's long name, or GONE)
         self.states: dict[int, str] = {}
+        #: job id -> squeue's reason (why a job is pending: Resources, Priority, ...)
+        self.reasons: dict[int, str] = {}
         self.last_error = ""
         self._lock = threading.RLock()
         self._closed = threading.Event()
@@ -250,13 +253,32 @@ class SlurmEngineLauncher(EngineLauncher):
     # ------------------------------------------------------------------ commands
     def script(self, n: int) -> str:
         """The batch script that :meth:`start` submits for ``n`` engines."""
-        output = self.output
-        if output is None:
-            logs = self.log_dir or paths.runtime_dir()
-            output = str(Path(logs) / "ipyfarm-engines-%j.out")
         cmd = engine_command(self.controller_file, None, self.log_level, self.python)
-        return batch_script(n, cmd, output=output, srun=self.commands["srun"],
+        return batch_script(n, cmd, output=self._output(), srun=self.commands["srun"],
                             **self.job_options)
+
+    def _output(self) -> str:
+        if self.output is not None:
+            return self.output
+        return str(Path(self.log_dir or paths.runtime_dir()) / "ipyfarm-engines-%j.out")
+
+    def job_log(self, job_id: int) -> str:
+        """Where the output of job ``job_id`` goes (the ``output`` pattern, filled in)."""
+        return (self._output().replace("%j", str(job_id))
+                .replace("%x", str(self.job_options["job_name"])))
+
+    def hint(self) -> str:
+        """What to look at when engines do not come: jobs pending, or ended early."""
+        hints = []
+        for job, state in self.job_states().items():
+            if state == "PENDING":
+                reason = self.reasons.get(job) or "no reason given yet"
+                hints.append(f"Slurm job {job} is PENDING ({reason}): `squeue -j {job}` and "
+                             f"`scontrol show job {job}` say what it waits for")
+            elif exit_code(state):
+                hints.append(f"Slurm job {job} ended {state}; its output is in "
+                             f"{self.job_log(job)}")
+        return "; ".join(hints)
 
     def _run(self, cmd: list[str], what: str, stdin: str | None = None
              ) -> subprocess.CompletedProcess:
@@ -320,7 +342,7 @@ class SlurmEngineLauncher(EngineLauncher):
         seen = parse_squeue_output(done.stdout)
         with self._lock:
             for job in active:
-                state = seen.get(job, GONE)  # purged from slurmctld's memory: ended
+                state, self.reasons[job] = seen.get(job, (GONE, ""))  # GONE: purged
                 self.states[job] = state
                 code = exit_code(state)
                 if code is not None and job not in self.exited:
@@ -365,7 +387,11 @@ class SlurmEngineLauncher(EngineLauncher):
         desc: dict[str, Any] = {"backend": self.backend, "jobs": jobs,
                                 "running": sum(exit_code(s) is None for s in states.values())}
         if jobs:  # the newest job, for one-line summaries (`ipyfarm list`, the dashboard)
-            desc.update(job_id=jobs[-1]["job_id"], state=jobs[-1]["state"])
+            desc.update(job_id=jobs[-1]["job_id"], state=jobs[-1]["state"],
+                        log=self.job_log(jobs[-1]["job_id"]))
+            hint = self.hint()
+            if hint:
+                desc["hint"] = hint
         if self.last_error:
             desc["error_detail"] = self.last_error
         return desc
