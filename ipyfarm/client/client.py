@@ -67,11 +67,14 @@ class Client:
 
     ``Client()`` finds the embedded controller of this process, else the newest
     running cluster; ``Client(profile="x")`` or ``Client(url_file=path)`` pick one.
+    ``sshserver="user@host[:port]"`` (with ``sshkey``, ``ssh_args``) reaches a controller
+    behind a login node through an ssh tunnel (:mod:`.tunnel`).
     """
 
     def __init__(self, url_file: str | Path | None = None, profile: str | None = None,
                  timeout: float = 10, context: zmq.Context | None = None,
-                 cluster: Any = None, **kwargs: Any):
+                 cluster: Any = None, sshserver: str | None = None,
+                 sshkey: str | None = None, ssh_args: list[str] | tuple = (), **kwargs: Any):
         if isinstance(url_file, dict):
             info = url_file
         else:
@@ -96,7 +99,14 @@ class Client:
         self.context = context or zmq.Context.instance()
         url = info["client"]
         hub = None
-        if info.get("inproc") and info.get("pid") == os.getpid() and context is None:
+        self._tunnel = None
+        if sshserver:  # a controller behind a login node: through our own ssh -L
+            from .tunnel import Tunnel
+
+            self._tunnel = Tunnel(sshserver, url, key=sshkey, ssh_args=ssh_args,
+                                  timeout=timeout)
+            url = self._tunnel.url
+        elif info.get("inproc") and info.get("pid") == os.getpid() and context is None:
             from ..controller.embedded import hub_at
 
             url = info["inproc"]  # an embedded controller of this process: no TCP
@@ -583,6 +593,8 @@ class Client:
             return
         self._closed = True
         self._io.stop()
+        if self._tunnel is not None:
+            self._tunnel.close()
         for fut in list(self._hub_waiters.values()):
             if not fut.done():
                 fut.set_exception(RuntimeError("client closed"))

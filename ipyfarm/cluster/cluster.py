@@ -140,9 +140,9 @@ class Cluster:
     def start_and_connect_sync(self, n: int | None = None, activate: bool = False) -> Any:
         """Start controller and engines, wait until the engines are ready, return a Client."""
         count = self.n if n is None else n
-        self.start_cluster_sync(count)
-        rc = self.connect_client_sync()
-        try:
+        try:  # engines that fail to start (ssh: host unreachable) stop the controller too
+            self.start_cluster_sync(count)
+            rc = self.connect_client_sync()
             self._wait_engines(rc, count)
         except BaseException:
             self.stop_cluster_sync()

@@ -32,7 +32,7 @@ from traitlets import Bool, Dict, Float, Integer, Type, Unicode, default
 from ipyfarm import curve
 from ipyfarm.engine.capture import EngineSession
 from ipyfarm.engine.kernel import EngineExit, FarmKernel
-from ipyfarm.engine.lifeline import watch_process
+from ipyfarm.engine.lifeline import read_stdin_line, watch_process, watch_stdin
 from ipyfarm.engine.link import ControllerLink, RegistrationError
 from ipyfarm.engine.properties import engine_properties
 from ipyfarm.protocol.session import FarmSession
@@ -69,8 +69,11 @@ def read_controller_file(path: str) -> dict[str, Any]:
         "`jupyter --runtime-dir`)."
     )
     try:
-        with open(path) as f:
-            info = json.load(f)
+        if path == "-":  # sent by a launcher (ssh): no shared filesystem, nothing in `ps`
+            info = json.loads(read_stdin_line())
+        else:
+            with open(path) as f:
+                info = json.load(f)
     except FileNotFoundError:
         raise EngineStartError(
             f"controller file {path} does not exist. Likely cause: the controller is not "
@@ -337,6 +340,8 @@ class FarmEngineApp(IPKernelApp):
             # still in flight would otherwise leave the engine waiting out the timeout
             if self.parent_pid:
                 watch_process(self.parent_pid, self._stop_engine)
+            if self.controller_file == "-":  # started over ssh: stdin EOF = session gone
+                watch_stdin(self._stdin_closed)
             if self.link is not None:
                 self._register()
             super().start()
@@ -401,6 +406,14 @@ class FarmEngineApp(IPKernelApp):
             timer.start()
         else:
             self._hard_exit()
+
+    def _stdin_closed(self) -> None:
+        """The launcher closed our stdin (its ``stop()``, or its ssh session ended): stop
+        as on SIGTERM (unregistering), by force if user code holds on past the grace."""
+        os.kill(os.getpid(), signal.SIGTERM)
+        timer = threading.Timer(EXIT_GRACE, self._hard_exit)
+        timer.daemon = True
+        timer.start()
 
     def _hard_exit(self) -> None:
         """Stuck (busy in user code): remove the connection file and exit now."""

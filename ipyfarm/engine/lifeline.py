@@ -2,6 +2,10 @@
 
 On Linux a pidfd makes this instant and free (one blocked thread, no polling); elsewhere
 the process is probed once a second. ``on_exit(reason)`` is called once, from the thread.
+
+An engine started over ssh reads the controller's connection info as one line from stdin
+(:func:`read_stdin_line`) and then watches stdin (:func:`watch_stdin`): the launcher keeps
+the pipe open, so end-of-file means it closed it or its ssh session is gone.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["watch_process"]
+__all__ = ["read_stdin_line", "watch_process", "watch_stdin"]
 
 
 def _alive(pid: int) -> bool:
@@ -59,3 +63,37 @@ def watch_process(pid: int, on_exit: Callable[[str], None], interval: float = 1.
         on_exit(f"its parent process {pid} exited")
 
     threading.Thread(target=run, name="ipyfarm-parent-watch", daemon=True).start()
+
+
+#: the longest line :func:`read_stdin_line` accepts (a controller's info is ~1 kB)
+MAX_STDIN_LINE = 1 << 20
+
+
+def read_stdin_line(fd: int = 0) -> str:
+    """One line from ``fd``, read unbuffered (nothing past the newline is consumed)."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            if not data:
+                raise ValueError("stdin was closed before the controller info arrived")
+            break
+        data += byte
+        if len(data) > MAX_STDIN_LINE:
+            raise ValueError(f"no newline within the first {MAX_STDIN_LINE} bytes of stdin")
+    return data.decode()
+
+
+def watch_stdin(on_eof: Callable[[], None], fd: int = 0) -> None:
+    """Start a daemon thread that calls ``on_eof()`` once ``fd`` reaches end-of-file
+    (whatever arrives before that is read and dropped)."""
+
+    def run() -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except OSError:
+            pass
+        on_eof()
+
+    threading.Thread(target=run, name="ipyfarm-stdin-watch", daemon=True).start()
