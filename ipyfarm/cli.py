@@ -63,6 +63,8 @@ def _controller_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
+    if args.controller == "slurm":
+        return _start_controller_job(args)
     if not args.daemonize:
         return _cmd_controller(args)
     cmd = _controller_argv(args)
@@ -98,6 +100,46 @@ def _cmd_start(args: argparse.Namespace) -> int:
     print(f"ipyfarm: cluster {args.profile!r} running: controller pid {proc.pid}, {n} engines. "
           f"Connect with ipyfarm.Client(profile={args.profile!r}); stop with "
           f"`ipyfarm stop --profile {args.profile}`.")
+    return 0
+
+
+def _start_controller_job(args: argparse.Namespace) -> int:
+    """``start --controller slurm``: the controller runs as a Slurm job (docs/slurm.md)."""
+    from datetime import datetime, timedelta
+
+    from .client.client import Client
+    from .cluster.slurm import SlurmError, controller_job_script, submit
+    from .error import IPyFarmError
+
+    output = paths.runtime_dir() / f"ipyfarm-{args.profile}-controller-%j.out"
+    submitted = datetime.now().astimezone() - timedelta(seconds=5)  # clocks of other nodes
+    try:
+        job = submit(controller_job_script(_controller_argv(args), output=str(output)),
+                     "the controller's job")
+    except (SlurmError, ValueError) as e:
+        print(f"ipyfarm: {e}", file=sys.stderr)
+        return 1
+    log, file = str(output).replace("%j", str(job)), paths.cluster_file(args.profile)
+    deadline = time.monotonic() + args.timeout
+    while not (file.exists() and datetime.fromisoformat(
+            paths.read_json(file).get("created") or "1970-01-01T00:00:00+00:00") > submitted):
+        if time.monotonic() > deadline:
+            print(f"ipyfarm: the controller's Slurm job {job} wrote no {file} within "
+                  f"{args.timeout} s: still pending (`squeue -j {job}`) or failed (see {log}). "
+                  f"Cancel it with `scancel {job}`.", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    try:
+        with Client(url_file=file, timeout=args.timeout) as rc:
+            rc.wait_for_engines(args.n, timeout=max(1.0, deadline - time.monotonic()))
+            n = len(rc.ids)
+    except IPyFarmError as e:
+        print(f"ipyfarm: the controller runs (Slurm job {job}) but engines are not ready: {e}",
+              file=sys.stderr)
+        return 1
+    print(f"ipyfarm: cluster {args.profile!r} running: controller in Slurm job {job}, {n} "
+          f"engines. Connect with ipyfarm.Client(profile={args.profile!r}); stop with "
+          f"`scancel {job}`.")
     return 0
 
 
@@ -246,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("start", help="start a controller and n engines")
     cluster_opts(sp, os.cpu_count() or 1)
     sp.add_argument("--daemonize", action="store_true", help="run in the background")
+    sp.add_argument("--controller", choices=("process", "slurm"), default="process",
+                    help="where the controller runs: a process here (default), or a Slurm "
+                    "job (submitted with sbatch; implies --daemonize)")
     sp.set_defaults(func=_cmd_start)
     sp = sub.add_parser("controller", help="run a standalone controller (foreground)")
     cluster_opts(sp, 0)

@@ -311,9 +311,9 @@ def test_a_job_that_fails_at_start_up_says_where_its_output_is(slurm, tmp_path):
     assert c.controller is None  # the failed start stopped the controller
 
 
-def ipyfarm_cli(*args, timeout=120):
+def ipyfarm_cli(*args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "ipyfarm", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def test_cli_start_list_stop_with_slurm_engines(slurm, tmp_path):
@@ -370,31 +370,32 @@ def test_a_refused_submission_carries_sbatchs_message(slurm, tmp_path):
     assert slurm.jobs() == before and launcher.job_ids == []
 
 
-def test_the_controller_as_a_slurm_job_and_its_engines_as_another(slurm, tmp_path):
+def test_cli_the_controller_as_a_slurm_job_and_its_engines_as_another(slurm, tmp_path):
     profile = f"slurm-ctl-{os.getpid()}"
-    script = tmp_path / "controller.sbatch"
-    script.write_text(controller_script(profile, 2, output=f"{tmp_path}/controller-%j.out",
-                                        engine_options={"poll_interval": 0.5}))
     before = set(slurm.jobs())
-    submitted = slurm.run("sbatch", "--parsable", str(script))
-    assert submitted.returncode == 0, submitted.stderr
-    controller_job = parse_sbatch_output(submitted.stdout)
+    t0 = time.monotonic()
+    started = ipyfarm_cli("start", "--controller", "slurm", "--engines", "slurm", "-n", "2",
+                          "--profile", profile, "--engine-opt", "poll_interval=0.5",
+                          "--engine-opt", f"output={tmp_path}/engines-%j.out")
     file = ipp.paths.cluster_file(profile)
     try:
-        assert wait_until(file.exists, 60), slurm.jobs()
-        t0 = time.monotonic()
+        assert started.returncode == 0, (started.stderr, slurm.jobs())
+        controller_job = int(started.stdout.split("controller in Slurm job ")[1].split(",")[0])
+        print(f"\nipyfarm start --controller slurm: ready in {time.monotonic() - t0:.2f} s")
+        assert f"stop with `scancel {controller_job}`" in started.stdout
         with ipp.Client(url_file=file, timeout=10) as rc:
-            rc.wait_for_engines(2, timeout=60)
-            print(f"\ncontroller job {controller_job}: 2 engines registered "
-                  f"{time.monotonic() - t0:.2f} s after its file appeared")
+            assert len(rc.ids) == 2
             controller = psutil.Process(json.loads(file.read_text())["pid"])
             assert controller.environ()["SLURM_JOB_ID"] == str(controller_job)
             launcher = rc.farm_status()["launcher"]
             engine_job = launcher["job_id"]
-            assert engine_job != controller_job and engine_job not in before
+            assert {controller_job, engine_job} == set(slurm.jobs()) - before
             assert wait_until(lambda: rc.farm_status()["launcher"]["state"] == "RUNNING", 10)
-            jobs = {j for j, _, _ in rc[:].apply_sync(engine_env)}
-            assert jobs == {str(engine_job)}
+            assert {j for j, _, _ in rc[:].apply_sync(engine_env)} == {str(engine_job)}
+        listed = [ln for ln in ipyfarm_cli("list").stdout.splitlines()
+                  if ln.startswith(profile)]
+        assert listed and listed[0].split()[2] == "2"
+        assert listed[0].endswith(f"slurm job {engine_job} RUNNING")
         # cancelling the controller's job stops the controller, which cancels the engines
         slurm.run("scancel", str(controller_job))
         assert wait_until(lambda: slurm.jobs()[engine_job] == "CANCELLED", 30), slurm.jobs()
@@ -405,3 +406,14 @@ def test_the_controller_as_a_slurm_job_and_its_engines_as_another(slurm, tmp_pat
                   if j not in before and s in ("PENDING", "RUNNING")]
         if active:
             slurm.run("scancel", *active)
+
+
+def test_cli_a_refused_controller_job_says_why(slurm):
+    before = slurm.jobs()
+    out = ipyfarm_cli("start", "--controller", "slurm", "--engines", "slurm", "-n", "1",
+                      "--profile", f"slurm-nope-{os.getpid()}", "--timeout", "20",
+                      env=dict(os.environ, SBATCH_PARTITION="nosuchpartition"))
+    assert out.returncode == 1
+    assert "sbatch refused the controller's job" in out.stderr
+    assert "invalid partition specified: nosuchpartition" in out.stderr
+    assert slurm.jobs() == before

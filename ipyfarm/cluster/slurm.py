@@ -47,14 +47,17 @@ __all__ = [
     "SlurmEngineLauncher",
     "SlurmError",
     "batch_script",
+    "controller_job_script",
     "controller_script",
     "exit_code",
     "kill_command",
     "parse_sbatch_output",
     "parse_squeue_output",
+    "run_command",
     "sbatch_command",
     "scancel_command",
     "squeue_command",
+    "submit",
 ]
 
 log = logging.getLogger("ipyfarm.cluster")
@@ -119,6 +122,13 @@ def batch_script(n: int, engine_cmd: Sequence[str], *, job_name: str = "ipyfarm-
     return _job_script(n, [srun, *srun_options, *engine_cmd], job_name=job_name, **options)
 
 
+def controller_job_script(command: Sequence[str], *, job_name: str = "ipyfarm-controller",
+                          **options: Any) -> str:
+    """The batch script of a one-task job that ``exec``s ``command`` (a controller's
+    command line, so that the job's signals reach the controller itself)."""
+    return _job_script(1, ["exec", *command], job_name=job_name, **options)
+
+
 def controller_script(profile: str, n: int, *, python: str = sys.executable,
                       engine_options: Mapping[str, Any] | None = None,
                       controller_args: Iterable[str] = (),
@@ -131,12 +141,12 @@ def controller_script(profile: str, n: int, *, python: str = sys.executable,
     stops the controller, and the controller then cancels its engines' job.
     ``options`` are :func:`batch_script`'s.
     """
-    cmd = ["exec", python, "-m", "ipyfarm", "controller", "--profile", profile,
+    cmd = [python, "-m", "ipyfarm", "controller", "--profile", profile,
            "-n", str(int(n)), "--engines", "slurm"]
     for key, value in (engine_options or {}).items():
         text = value if isinstance(value, str) else json.dumps(value)
         cmd += ["--engine-opt", f"{key}={text}"]
-    return _job_script(1, [*cmd, *controller_args], job_name=job_name, **options)
+    return controller_job_script([*cmd, *controller_args], job_name=job_name, **options)
 
 
 def sbatch_command(sbatch: str = "sbatch") -> list[str]:
@@ -195,6 +205,39 @@ def kill_command(job_id: int, pid: int, hostname: str, sig: int = _signal.SIGKIL
     return [srun, f"--jobid={int(job_id)}", "--overlap", "--nodes=1", "--ntasks=1",
             f"--nodelist={hostname}", "kill", f"-{_signal.Signals(sig).name[3:]}",
             str(int(pid))]
+
+
+# ---------------------------------------------------------------------- running them
+def run_command(cmd: list[str], what: str, timeout: float = 30.0,
+                stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run one Slurm command; a missing command or one that hangs is a SlurmError."""
+    try:
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise SlurmError(
+            f"cannot {what}: the command {cmd[0]!r} was not found. Likely cause: Slurm's "
+            "client commands are not installed or not on PATH on this host. Run this on "
+            "a Slurm login node, or pass the command's path as an engine option (e.g. "
+            "sbatch=/opt/slurm/bin/sbatch).") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(
+            f"cannot {what}: `{shlex.join(cmd)}` did not answer within {timeout:g} s. "
+            "Likely cause: slurmctld is down or overloaded. Check `sinfo`, or raise "
+            "command_timeout.") from None
+
+
+def submit(script: str, what: str, sbatch: str = "sbatch", timeout: float = 30.0) -> int:
+    """Submit ``script`` (on sbatch's stdin); returns the job id. ``what`` names the job
+    in errors, which carry sbatch's own message."""
+    done = run_command(sbatch_command(sbatch), f"submit {what}", timeout, stdin=script)
+    if done.returncode != 0:
+        raise SlurmError(
+            f"sbatch refused {what} (exit code {done.returncode}): "
+            f"{done.stderr.strip() or done.stdout.strip() or '(no message)'}. Likely cause: "
+            "an option the cluster does not accept (partition, time, memory) or no "
+            "slurmctld to talk to; see `sinfo` and fix the engine options.")
+    return parse_sbatch_output(done.stdout)
 
 
 # ---------------------------------------------------------------------- the launcher
@@ -280,37 +323,16 @@ class SlurmEngineLauncher(EngineLauncher):
                              f"{self.job_log(job)}")
         return "; ".join(hints)
 
-    def _run(self, cmd: list[str], what: str, stdin: str | None = None
-             ) -> subprocess.CompletedProcess:
-        try:
-            return subprocess.run(cmd, input=stdin, capture_output=True, text=True,
-                                  timeout=self.command_timeout, check=False)
-        except FileNotFoundError:
-            raise SlurmError(
-                f"cannot {what}: the command {cmd[0]!r} was not found. Likely cause: Slurm's "
-                "client commands are not installed or not on PATH on this host. Run this on "
-                "a Slurm login node, or pass the command's path as an engine option (e.g. "
-                "sbatch=/opt/slurm/bin/sbatch).") from None
-        except subprocess.TimeoutExpired:
-            raise SlurmError(
-                f"cannot {what}: `{shlex.join(cmd)}` did not answer within "
-                f"{self.command_timeout:g} s. Likely cause: slurmctld is down or overloaded. "
-                "Check `sinfo`, or raise command_timeout.") from None
+    def _run(self, cmd: list[str], what: str) -> subprocess.CompletedProcess:
+        return run_command(cmd, what, self.command_timeout)
 
     def start(self, n: int) -> list[int]:
         """Submit one job of ``n`` engines; returns ``[job_id]``."""
         script = self.script(n)
         if self.output is None:
             Path(self.log_dir or paths.runtime_dir()).mkdir(parents=True, exist_ok=True)
-        cmd = sbatch_command(self.commands["sbatch"])
-        done = self._run(cmd, f"submit the job of {n} engines", stdin=script)
-        if done.returncode != 0:
-            raise SlurmError(
-                f"sbatch refused the job of {n} engines (exit code {done.returncode}): "
-                f"{done.stderr.strip() or done.stdout.strip() or '(no message)'}. Likely cause: "
-                "an option the cluster does not accept (partition, time, memory) or no "
-                "slurmctld to talk to; see `sinfo` and fix the engine options.")
-        job_id = parse_sbatch_output(done.stdout)
+        job_id = submit(script, f"the job of {n} engines", self.commands["sbatch"],
+                        self.command_timeout)
         with self._lock:
             self.states[job_id] = "PENDING"
         log.info("submitted Slurm job %d of %d engines", job_id, n)
