@@ -88,13 +88,13 @@ def test_ssh_command_golden():
 
 def test_remote_engine_command_golden():
     assert remote_engine_command() == (
-        "echo ipyfarm-engine-pid $$; exec env PYTHONUNBUFFERED=1 python3 -m ipyfarm.engine "
-        "--controller-file - --log-level WARN")
+        'echo ipyfarm-engine-pid $$ "$(uname -n)"; exec env PYTHONUNBUFFERED=1 python3 -m '
+        "ipyfarm.engine --controller-file - --log-level WARN")
     assert remote_engine_command(
         "/opt/py 3/bin/python", "DEBUG", {"OMP_NUM_THREADS": "1", "X": "a b"},
         ["--ip=10.0.0.7"]) == (
-        "echo ipyfarm-engine-pid $$; exec env PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 "
-        "'X=a b' '/opt/py 3/bin/python' -m ipyfarm.engine --controller-file - "
+        'echo ipyfarm-engine-pid $$ "$(uname -n)"; exec env PYTHONUNBUFFERED=1 '
+        "OMP_NUM_THREADS=1 'X=a b' '/opt/py 3/bin/python' -m ipyfarm.engine --controller-file - "
         "--log-level DEBUG --ip=10.0.0.7")
     with pytest.raises(ValueError, match="not an environment variable name"):
         remote_engine_command(env={"A;B": "1"})
@@ -394,10 +394,16 @@ def test_engines_end_when_their_ssh_dies_or_are_killed_over_ssh(sshd):
             "the controller's kill did not reach the engine over ssh"
         assert wait_until(lambda: e3 not in rc.ids, 15)
 
+        reported = []
+        cluster_on_exit = launcher.on_exit
+        launcher.on_exit = lambda *args: (reported.append(args), cluster_on_exit(*args))
         os.kill(by_remote[p0], signal.SIGKILL)  # the local ssh only
         assert wait_until(lambda: not psutil.pid_exists(p0), 15), \
             "the engine outlived its ssh session"
         assert wait_until(lambda: e0 not in rc.ids, 15)
+        # reported by the engine's own pid and host name, as the controller knows it
+        assert wait_until(lambda: reported, 5)
+        assert reported[0][0] == p0 and reported[0][2] == socket.gethostname(), reported
 
         assert launcher.kill_engine(p1, socket.gethostname())
         assert wait_until(lambda: not psutil.pid_exists(p1), 15)
@@ -440,6 +446,23 @@ def test_unauthorized_key_is_a_clear_error(sshd):
                                    ssh_args=["-F", str(sshd.dir / "ssh_config_nokey")])
     assert took < 30, took
     assert "this machine's key is not authorized there" in msg
+
+
+def test_an_engine_that_fails_on_its_host_is_explained(sshd):
+    """ssh got through, but the engine could not start there: the cluster's error carries
+    what the host said."""
+    c = ipp.Cluster(n=1, profile=f"ssh-nopy-{os.getpid()}", engines="ssh",
+                    engine_options=_options(sshd, python="python-that-is-not-here"))
+    try:
+        with pytest.raises(ipp.error.EngineError) as e:
+            c.start_and_connect_sync()
+    finally:
+        c.stop_cluster_sync()
+    msg = str(e.value)
+    assert "1 engine(s) exited during start-up (exit codes [127])" in msg
+    assert f"The engine on {sshd.host} exited with code 127; its last words: " in msg
+    assert "python-that-is-not-here" in msg.rsplit("its last words:", 1)[1]
+    assert c.controller is None and c.launcher.pids == []
 
 
 # ---------------------------------------------------------------------- tunnels

@@ -103,10 +103,11 @@ class Cluster:
         (with ``new_pid``) or ``"not restarted"`` (with the ``reason``)."""
         return list(self.launcher.restart_log) if self.launcher is not None else []
 
-    def _engine_exited(self, pid: int, returncode: int) -> None:
+    def _engine_exited(self, pid: int, returncode: int, hostname: str | None = None) -> None:
+        """A launcher saw an engine process end (``hostname``: where, if not here)."""
         if self.controller is not None:
-            self.controller.hub.post(
-                E.EngineProcessExited(time.monotonic(), pid, self._hostname, returncode))
+            self.controller.hub.post(E.EngineProcessExited(
+                time.monotonic(), pid, hostname or self._hostname, returncode))
 
     def _kill_engine(self, engine_id: int, pid: int) -> None:
         if self.launcher is None or self.controller is None:

@@ -5,11 +5,11 @@
     Cluster(engines="ssh", n=4, engine_options={"hosts": ["node1", "me@node2:2222"]})
 
     this process                                   each host
-    SSHEngineLauncher ── ssh -T host 'echo ipyfarm-engine-pid $$; exec python3 -m
-       │  one ssh per engine          ipyfarm.engine --controller-file -'
+    SSHEngineLauncher ── ssh -T host 'echo ipyfarm-engine-pid $$ "$(uname -n)";
+       │  one ssh per engine          exec python3 -m ipyfarm.engine --controller-file -'
        ├─ stdin: the controller's info (one JSON line), then held open ──► engine reads it,
        │                                                   then exits when stdin closes
-       └─ stdout: "ipyfarm-engine-pid N" (the engine's pid on its host)
+       └─ stdout: "ipyfarm-engine-pid PID HOST" (the engine's pid and host name)
 
 - No shared filesystem: the controller's connection info (key included) travels on the ssh
   session's stdin, so it is neither read from a file on the host nor visible in ``ps``.
@@ -79,10 +79,12 @@ def plan_hosts(hosts: Sequence[tuple[SSHTarget, int]], n: int, start: int = 0
 def remote_engine_command(python: str = "python3", log_level: str = "WARNING",
                           env: Mapping[str, str] | None = None,
                           engine_args: Sequence[str] = ()) -> str:
-    """The shell line an engine's host runs: print the pid, then become the engine.
+    """The shell line an engine's host runs: print the pid and host name, then become
+    the engine.
 
-    ``exec`` keeps the shell's pid, so ``$$`` is the engine's pid. The controller's info
-    is read from stdin (``--controller-file -``).
+    ``exec`` keeps the shell's pid, so ``$$`` is the engine's pid; ``uname -n`` is the
+    name it registers with. The controller's info is read from stdin
+    (``--controller-file -``).
     """
     assigns = ["PYTHONUNBUFFERED=1"]
     for name, value in (env or {}).items():
@@ -90,7 +92,7 @@ def remote_engine_command(python: str = "python3", log_level: str = "WARNING",
             raise ValueError(f"remote_env: {name!r} is not an environment variable name")
         assigns.append(f"{name}={value}")
     engine = engine_command("-", None, log_level, python) + list(engine_args)
-    return f"echo {PID_MARK} $$; exec " + shlex.join(["env", *assigns, *engine])
+    return f'echo {PID_MARK} $$ "$(uname -n)"; exec ' + shlex.join(["env", *assigns, *engine])
 
 
 def engine_ssh_command(target: SSHTarget, remote: str, *, ssh: str = "ssh",
@@ -182,6 +184,7 @@ class _Engine:
         self.target = target
         self.handle = proc.pid
         self.remote_pid: int | None = None
+        self.hostname: str | None = None  # as the engine registers it (``uname -n``)
         self.ready = threading.Event()  # the pid line arrived, or ssh ended
         self.stderr: collections.deque[str] = collections.deque(maxlen=40)
         self.log_file = log_file
@@ -242,6 +245,8 @@ class SSHEngineLauncher(EngineLauncher):
         for target, _ in self.hosts:  # bad names / env fail here, not on a thread
             remote_engine_command(self._python_for(target), log_level, self.remote_env)
         self.engines: dict[int, _Engine] = {}
+        #: why engines ended that nobody stopped (for describe()'s hint), newest last
+        self.failures: collections.deque[str] = collections.deque(maxlen=8)
         self._placed = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -330,7 +335,9 @@ class SSHEngineLauncher(EngineLauncher):
                     eng.stderr.append(line)
                 elif eng.remote_pid is None and line.startswith(PID_MARK):
                     try:
-                        eng.remote_pid = int(line.split()[1])
+                        words = line.split()
+                        eng.remote_pid = int(words[1])
+                        eng.hostname = words[2] if len(words) > 2 else None
                     except (IndexError, ValueError):
                         eng.stderr.append(f"unexpected first line from the host: {line}")
                     eng.ready.set()
@@ -348,15 +355,31 @@ class SSHEngineLauncher(EngineLauncher):
             rc = eng.proc.wait(30)
         except subprocess.TimeoutExpired:
             return  # stop() will end it
+        for t in eng.threads:
+            if t is not threading.current_thread():
+                t.join(5)  # all of ssh's stderr, for the message below
         with self._lock:
-            if self.engines.pop(eng.handle, None) is None:
+            if eng.handle not in self.engines:
                 return  # stop() took it
+            if rc != 0 and not self._stopping.is_set():
+                said = eng.stderr_text().strip()
+                # before `exited`: a cluster seeing the exit asks describe() for the hint
+                self.failures.append(f"The engine on {eng.target} exited with code {rc}"
+                                     + (f"; its last words: {said.splitlines()[-1]}"
+                                        if said else ""))
+                log.warning("the engine on %s (pid %s) exited with code %s; ssh said: %s",
+                            eng.target, eng.remote_pid, rc, said or "-")
+            del self.engines[eng.handle]
             self.exited[eng.handle] = rc
-        if eng.remote_pid is not None and rc != 0 and not self._stopping.is_set():
-            log.warning("the engine on %s (pid %s) exited with code %s; ssh said: %s",
-                        eng.target, eng.remote_pid, rc, eng.stderr_text().strip() or "-")
+        self._report(eng, rc)
+
+    def _report(self, eng: _Engine, rc: int) -> None:
+        """Tell the cluster, by the engine's own pid and host where we know them."""
         if self.on_exit is not None and not self._stopping.is_set():
-            self.on_exit(eng.remote_pid or eng.handle, rc)
+            if eng.remote_pid is not None and eng.hostname:
+                self.on_exit(eng.remote_pid, rc, eng.hostname)
+            else:
+                self.on_exit(eng.remote_pid or eng.handle, rc)
 
     # ---- state ------------------------------------------------------------------------
     def poll(self) -> dict[int, int | None]:
@@ -379,7 +402,8 @@ class SSHEngineLauncher(EngineLauncher):
             engines = [{"host": str(e.target), "pid": e.remote_pid, "ssh_pid": h}
                        for h, e in self.engines.items()]
         first = self.hosts[0][0]
-        return {"backend": self.backend, "running": len(engines),
+        hint = {"hint": "; ".join(self.failures)} if self.failures else {}
+        return {"backend": self.backend, "running": len(engines), **hint,
                 "hosts": [str(t) for t, _ in self.hosts], "engines": engines,
                 "command": shlex.join(self._command(first, remote_engine_command(
                     self._python_for(first), self.log_level, self.remote_env,
@@ -471,5 +495,5 @@ class SSHEngineLauncher(EngineLauncher):
             with self._lock:
                 mine = self.engines.pop(eng.handle, None) is not None
                 self.exited[eng.handle] = eng.proc.returncode
-            if mine and self.on_exit is not None and not self._stopping.is_set():
-                self.on_exit(eng.remote_pid or eng.handle, eng.proc.returncode)
+            if mine:
+                self._report(eng, eng.proc.returncode)

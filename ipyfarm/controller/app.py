@@ -128,8 +128,8 @@ def _serve(hub: Hub, n: int, profile: str, file: Path, log_level: str,
         options["restart"] = RestartPolicy()
     launcher = launcher_class(engines)(
         file, log_dir=paths.runtime_dir() / f"ipyfarm-{profile}-logs", log_level=log_level,
-        on_exit=lambda pid, rc: hub.post(E.EngineProcessExited(time.monotonic(), pid,
-                                                               hostname, rc)),
+        on_exit=lambda pid, rc, host=None: hub.post(E.EngineProcessExited(
+            time.monotonic(), pid, host or hostname, rc)),  # host: the ssh backend's
         **options)
     paths.write_secure_json(file, info)
     hub.launcher_info = launcher.describe
