@@ -160,6 +160,15 @@ def test_the_launchers_script_runs_one_engine_per_task(tmp_path):
         SlurmEngineLauncher(tmp_path / "c.json", no_such_option=1)
 
 
+def test_stop_warns_and_does_not_raise_when_scancel_is_missing(tmp_path, caplog):
+    launcher = SlurmEngineLauncher(tmp_path / "c.json", scancel=str(tmp_path / "no-scancel"))
+    launcher.states[99999] = "RUNNING"
+    launcher.stop(timeout=0.1)  # a cluster's teardown must go on
+    assert "no-scancel' was not found" in caplog.text and "scancel 99999" in caplog.text
+    with pytest.raises(SlurmError, match="no-scancel"):  # an explicit signal does raise
+        launcher.signal(signal.SIGINT)
+
+
 def test_slurm_conf_of_the_test_cluster(tmp_path):
     conf = slurm_conf(tmp_path, "node0", 7001, 7002, tmp_path / "munge.socket", cpus=4)
     assert "SlurmdParameters=config_overrides" in conf.splitlines()

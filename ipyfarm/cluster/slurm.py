@@ -452,6 +452,15 @@ class SlurmEngineLauncher(EngineLauncher):
             self._signal_engine(pid, _signal.SIGTERM)
         if not jobs:
             return
+        try:  # a teardown goes on whatever Slurm answers: warn, do not raise
+            self._cancel(jobs, timeout)
+        except SlurmError as e:
+            log.warning("%s; the Slurm job(s) %s may still run: cancel them with "
+                        "`scancel %s`", e, jobs, " ".join(map(str, jobs)))
+        if handles is None:
+            self._closed.set()
+
+    def _cancel(self, jobs: list[int], timeout: float) -> None:
         scancel = self.commands["scancel"]
         done = self._run(scancel_command(jobs, scancel=scancel), f"cancel job(s) {jobs}")
         if done.returncode != 0:
@@ -463,8 +472,6 @@ class SlurmEngineLauncher(EngineLauncher):
         if not self._wait_jobs(jobs, max(timeout, 5.0)):
             log.warning("Slurm job(s) %s still listed as %s after scancel; slurmctld will "
                         "finish them", jobs, [self.states[j] for j in jobs])
-        if handles is None:
-            self._closed.set()
 
     def _wait_jobs(self, jobs: list[int], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
