@@ -357,6 +357,33 @@ def test_cli_start_list_stop_with_slurm_engines(slurm, tmp_path):
             slurm.run("scancel", *active)
 
 
+def test_engines_of_a_killed_controller_leave_and_their_job_ends(slurm, tmp_path):
+    profile = f"slurm-orphan-{os.getpid()}"
+    before = set(slurm.jobs())
+    started = ipyfarm_cli("start", "--engines", "slurm", "-n", "2", "--daemonize",
+                          "--profile", profile, "--engine-opt", "poll_interval=0.5",
+                          "--engine-opt", f"output={tmp_path}/engines-%j.out")
+    file = ipp.paths.cluster_file(profile)
+    pid = json.loads(file.read_text())["pid"] if file.exists() else None
+    try:
+        assert started.returncode == 0, started.stderr
+        (job,) = set(slurm.jobs()) - before
+        psutil.Process(pid).kill()  # no scancel from it: the engines must notice alone
+        t0 = time.monotonic()
+        assert wait_until(lambda: slurm.jobs()[job] not in ("RUNNING", "COMPLETING"), 60), \
+            slurm.jobs()
+        print(f"\nthe job of a killed controller's engines ended "
+              f"({slurm.jobs()[job]}) {time.monotonic() - t0:.1f} s later")
+    finally:
+        if pid and psutil.pid_exists(pid):
+            psutil.Process(pid).kill()
+        file.unlink(missing_ok=True)
+        active = [str(j) for j, s in slurm.jobs().items()
+                  if j not in before and s in ("PENDING", "RUNNING")]
+        if active:
+            slurm.run("scancel", *active)
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path):
     c = ipp.Cluster(n=1, engines="slurm", profile=f"test-nosbatch-{os.getpid()}",
                     engine_options={"sbatch": str(tmp_path / "no-such-sbatch")})
