@@ -150,3 +150,45 @@ def test_record_count_is_capped_keeping_pending_tasks():
         s.handle(E.ReplyArrived(2.0, 0, f"m{i}", "ok", None, 0))
     assert "p" in s.history() and len(s.db) == 3
     s.check_invariants()
+
+
+def register_asking(state, uuid, requested, now=0.0):
+    """An engine asking for an id (an MPI engine asks for its rank)."""
+    info = {"uuid": uuid, "pid": 100, "hostname": "h", "connection_info": {"shell_port": 1},
+            "requested_id": requested}
+    cmds = state.handle(E.RegistrationRequested(now, uuid, b"id-" + uuid.encode(), info))
+    return cmds[1].content["engine_id"] if len(cmds) > 1 else cmds[0].content["engine_id"]
+
+
+def test_requested_ids_are_granted_whatever_the_registration_order(state):
+    # four MPI ranks registering out of order get their ranks as ids
+    assert [register_asking(state, f"r{r}", r) for r in (2, 0, 3, 1)] == [2, 0, 3, 1]
+    assert state.live_ids() == [0, 1, 2, 3]
+    # an engine asking for nothing gets the lowest id never used
+    assert register(state, "plain")[1].content["engine_id"] == 4
+
+
+def test_a_taken_requested_id_gives_the_lowest_unused_one(state):
+    register_asking(state, "a", 0)
+    register_asking(state, "b", 1)
+    # a second mpiexec world: its ranks 0 and 1 are taken, so they get 2 and 3
+    assert register_asking(state, "c", 0) == 2
+    assert register_asking(state, "d", 1) == 3
+    assert state.live_ids() == [0, 1, 2, 3]
+
+
+def test_a_dead_engines_id_is_not_given_again(state):
+    register_asking(state, "a", 0)
+    state.handle(E.EngineUnregistered(1.0, "a"))
+    assert state.live_ids() == []
+    assert register_asking(state, "b", 0, now=2.0) == 1
+
+
+def test_requested_id_skipped_by_plain_ids_and_bad_requests_ignored(state):
+    assert register_asking(state, "a", 1) == 1
+    assert register(state, "b")[1].content["engine_id"] == 0
+    assert register(state, "c")[1].content["engine_id"] == 2  # 1 is taken: skipped
+    for bad, uuid in ((-1, "d"), ("5", "e"), (True, "f"), (None, "g")):
+        assert register_asking(state, uuid, bad) == 3 + ["d", "e", "f", "g"].index(uuid)
+    # the same engine registering again keeps its id, whatever it asks
+    assert register_asking(state, "a", 9) == 1

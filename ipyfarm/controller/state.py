@@ -22,6 +22,7 @@ cluster's scheme (:mod:`.schemes`) on engines with fewer than ``hwm`` outstandin
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import random
 from collections import Counter, deque
@@ -102,8 +103,7 @@ class ControllerState:
             eng.ident = ev.ident
             eng.last_beat = ev.now
             return [C.ReplyRegistration(ev.ident, self._registration_reply(eng))]
-        engine_id = self._next_engine_id
-        self._next_engine_id += 1
+        engine_id = self._new_engine_id(ev.info.get("requested_id"))
         eng = EngineState(
             engine_id=engine_id,
             uuid=ev.uuid,
@@ -116,7 +116,7 @@ class ControllerState:
         )
         self.engines[engine_id] = eng
         self._by_uuid[ev.uuid] = engine_id
-        self._live.append(eng)
+        bisect.insort(self._live, eng, key=lambda e: e.engine_id)  # kept in id order
         out: list[C.Command] = [
             C.ConnectEngine(engine_id, ev.info),
             C.ReplyRegistration(ev.ident, self._registration_reply(eng)),
@@ -127,6 +127,17 @@ class ControllerState:
         self._revisit_waiting(out)
         self._schedule(out)
         return out
+
+    def _new_engine_id(self, requested: Any) -> int:
+        """``requested`` (an MPI engine's rank) if no engine ever had it, else the lowest
+        id never used: ids are never reused, so old task records stay unambiguous."""
+        if (isinstance(requested, int) and not isinstance(requested, bool)
+                and requested >= 0 and requested not in self.engines):
+            return requested
+        while self._next_engine_id in self.engines:
+            self._next_engine_id += 1
+        self._next_engine_id += 1
+        return self._next_engine_id - 1
 
     def _registration_reply(self, eng: EngineState) -> dict:
         return {
@@ -583,7 +594,7 @@ class ControllerState:
 
     # ------------------------------------------------------------------ queries (pure reads)
     def live_ids(self) -> list[int]:
-        return [i for i, e in self.engines.items() if e.alive]
+        return [e.engine_id for e in self._live]  # sorted, whatever the registration order
 
     def engine_table(self) -> dict[str, dict]:
         return {str(i): e.public() for i, e in self.engines.items() if e.alive}

@@ -4,6 +4,7 @@
 
     python -m ipyfarm.engine --controller-file FILE [--ip IP] [--parent-pid PID] [--log-level L]
     python -m ipyfarm.engine --url tcp://HOST:PORT --key HEX [...]
+    mpiexec -n 4 python -m ipyfarm.engine --controller-file FILE --mpi   # ids = MPI ranks
     python -m ipyfarm.engine -f CONNECTION_FILE          # a plain kernel, as Jupyter starts it
 
 Startup: parse arguments → read the controller file (key, registration address) → bind the
@@ -34,6 +35,7 @@ from ipyfarm.engine.capture import EngineSession
 from ipyfarm.engine.kernel import EngineExit, FarmKernel
 from ipyfarm.engine.lifeline import read_stdin_line, watch_process, watch_stdin
 from ipyfarm.engine.link import ControllerLink, RegistrationError
+from ipyfarm.engine.mpi import MPIStartError, join_world, rank_from_env
 from ipyfarm.engine.properties import engine_properties
 from ipyfarm.protocol.session import FarmSession
 
@@ -152,6 +154,8 @@ class FarmEngineApp(IPKernelApp):
         {
             **kernel_flags,
             "debugger": ({"FarmEngineApp": {"debugger": True}}, "enable Jupyter's debugger"),
+            "mpi": ({"FarmEngineApp": {"mpi": True}}, "join mpiexec's MPI world (mpi4py); "
+                    "ask for engine id = MPI rank"),
         }
     )
     kernel_class = Type(FarmKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
@@ -174,6 +178,8 @@ class FarmEngineApp(IPKernelApp):
         False, help="load debugpy so Jupyter's visual debugger works (costs ~0.1 s and "
         "~10 MB per engine)"
     ).tag(config=True)
+    mpi = Bool(False, help="initialise MPI (mpi4py) and register with mpi_rank/mpi_size; "
+               "automatic when mpiexec started the engine").tag(config=True)
     engine_uuid = Unicode(help="this engine's uuid (names its connection file)")
 
     @default("outstream_class")
@@ -299,8 +305,21 @@ class FarmEngineApp(IPKernelApp):
                 del sys.modules["debugpy"]
         return super().init_kernel()
 
+    def _mpi_properties(self) -> dict[str, Any]:
+        """``{mpi_rank, mpi_size}`` when this engine runs under mpiexec, else ``{}``."""
+        if not self.mpi and rank_from_env(os.environ) is None:
+            return {}
+        try:
+            return join_world()
+        except MPIStartError as e:
+            if self.mpi:
+                raise EngineStartError(str(e)) from None
+            self.log.warning("mpiexec started this engine but MPI is not used: %s", e)
+            return {}
+
     def _make_link(self) -> None:
         properties = engine_properties()
+        properties.update(self._mpi_properties())
         self.kernel.properties = properties
         self.kernel._sent_properties = dict(properties)  # registration carries them
         registration = {
@@ -319,6 +338,8 @@ class FarmEngineApp(IPKernelApp):
             "hostname": properties["hostname"],
             "properties": properties,
         }
+        if "mpi_rank" in properties:  # engine ids follow ranks where the ids are free
+            registration["requested_id"] = properties["mpi_rank"]
         link_session = FarmSession(
             key=self.session.key, signature_scheme=self.session.signature_scheme,
             username="ipyfarm-engine",
