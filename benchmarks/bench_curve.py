@@ -6,7 +6,8 @@ One run starts two 1-engine clusters on loopback, ``curve=False`` and ``curve=Tr
 (``curve=True`` forces encryption there), and measures for each, through two clients:
 the in-process client of the embedded controller (only controller <-> engine traffic is
 encrypted) and a TCP client with its own zmq context (client <-> controller encrypted
-too, as for a notebook on another host). Prints one table. Not a test: reports only.
+too, as for a notebook on another host), and, for scale, 100 MB between two bare zmq
+sockets. Prints one table. Not a test: reports only.
 """
 
 from __future__ import annotations
@@ -87,12 +88,43 @@ def measure(curve: bool, quick: bool) -> dict[str, float]:
     return out
 
 
+def raw_zmq_rate(curve_on: bool, reps: int) -> float:
+    """GB/s of 100 MB messages between two bare zmq sockets over loopback TCP: what
+    libzmq's Curve itself costs, without ipyfarm."""
+    from ipyfarm import curve
+
+    ctx = zmq.Context()
+    server, client = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        if curve_on:
+            public, secret = curve.new_keypair()
+            curve.serve(server, public, secret)
+            curve.connect_as_client(client, public)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client.connect(f"tcp://127.0.0.1:{port}")
+        payload = np.ones(SIZE // 8)
+        client.send(payload, copy=False)
+        server.recv(copy=False)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            client.send(payload, copy=False)
+            server.recv(copy=False)
+        return reps * SIZE / (time.perf_counter() - t0) / 1e9
+    finally:
+        server.close(0)
+        client.close(0)
+        ctx.term()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="shorter timing loops")
     args = parser.parse_args()
     plain = measure(False, args.quick)
     enc = measure(True, args.quick)
+    reps = 3 if args.quick else 6
+    key = "bare zmq PAIR, 100 MB one way (GB/s)"
+    plain[key], enc[key] = raw_zmq_rate(False, reps), raw_zmq_rate(True, reps)
     print(f"\nipyfarm Curve cost, {date.today()}, {platform.node()}, {os.cpu_count()} cores, "
           f"Python {sys.version.split()[0]}, libzmq {zmq.zmq_version()}")
     print(f"{'figure':<46} {'plain':>9} {'curve':>9} {'curve/plain':>12}")
