@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -295,17 +294,34 @@ def test_a_second_start_is_a_second_world_and_stop_leaves_no_rank():
     assert _gone(pids) and _gone(mpiexecs)
 
 
+def ignore_sigint_and_sleep(seconds):
+    import signal
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(seconds)
+
+
 @needs_mpi
-def test_killing_one_rank_ends_its_world_and_the_controller_hears_of_all():
+def test_a_rank_killed_for_its_time_limit_ends_its_world_and_the_controller_hears_of_all():
     with running_cluster(2, profile=f"test-mpi3-{os.getpid()}", engines="mpi") as (c, rc):
         pids = _rank_pids(rc)
         (mpiexec,) = c.launcher.pids
-        assert c.launcher.kill_engine(pids[1], socket.gethostname())
         assert not c.launcher.kill_engine(pids[0], "another-host")
-        # Open MPI's mpiexec aborts the world; the launcher reports every rank
+        other = rc[0].apply_async(ignore_sigint_and_sleep, 60)
+        stuck = rc[1]
+        with stuck.temp_flags(time_limit=1):
+            ar = stuck.apply_async(ignore_sigint_and_sleep, 60)
+        # the controller interrupts, then has the launcher SIGKILL rank 1; Open MPI's
+        # mpiexec aborts the world, and the launcher reports every rank
+        with pytest.raises(ipp.error.TaskTimeout, match="was killed"):
+            ar.get(30)
+        with pytest.raises(ipp.error.EngineError, match="engine 0 died"):
+            other.get(30)
         assert wait_until(lambda: rc.ids == [], 30), rc.ids
         assert wait_until(lambda: _gone(pids.values()), 15)
-        assert mpiexec in c.launcher.exited and c.launcher.exited[mpiexec] != 0
+        assert wait_until(lambda: mpiexec in c.launcher.exited, 15)
+        assert c.launcher.exited[mpiexec] != 0
         with pytest.raises(IndexError, match="no engine 0"):
             rc[0].apply_sync(os.getpid)
 
