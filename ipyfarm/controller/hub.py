@@ -21,6 +21,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import curve
+from ..protocol.sizes import DEFAULT_MAX_MESSAGE_BYTES, REGISTRATION_MAX_BYTES
 from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
     DELIM,
@@ -32,6 +33,7 @@ from ..protocol.session import (
 from . import commands as C
 from . import events as E
 from .db import MemoryTaskDB
+from .poller import SocketPoller
 from .state import ControllerState
 from .wire import RateLimitedLog, compact, epoch, frames_nbytes, send_frames, task_fields
 
@@ -63,6 +65,31 @@ def _curve_keys(ip: str, wanted: bool | None) -> tuple[str, str] | None:
     return None
 
 
+#: sockets the engine context may hold: three per engine, so ~10,000 engines
+ENGINE_SOCKETS = 32768
+
+
+def engine_context(sockets: int) -> zmq.Context:
+    """A zmq context for up to ``sockets`` sockets, in a process allowed enough files.
+
+    Each engine's sockets cost about two file descriptors each (a mailbox, a TCP
+    connection): the soft limit on open files is raised toward the hard one (a no-op
+    where it is high enough already).
+    """
+    ctx = zmq.Context()
+    ctx.max_sockets = min(sockets, ctx.get(zmq.SOCKET_LIMIT))
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+    return ctx
+
+
 class Hub:
     """Sockets and the event loop around a :class:`ControllerState`."""
 
@@ -78,8 +105,13 @@ class Hub:
         hwm: int = 1,
         db: Any = None,
         curve: bool | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         self.key = key if key is not None else secrets.token_hex(32).encode()
+        if not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be a byte count >= 1024, not "
+                             f"{max_message_bytes!r}")
+        self.max_message_bytes = max_message_bytes
         self.ip = ip
         self.curve_keys = _curve_keys(ip, curve)  # (public, secret) z85, or None: plain
         self.session = FarmSession(key=self.key, username="ipyfarm-controller")
@@ -88,6 +120,10 @@ class Hub:
         self.state = state or ControllerState(heartbeat_period, heartbeat_timeout, db=db,
                                               scheme=scheme, hwm=hwm)
         self.context = context or zmq.Context.instance()
+        # engine-facing sockets (three per engine) live in a context of their own, made
+        # with the first engine so its socket limit can still be raised: libzmq's default
+        # of 1023 sockets per context, fixed at its first socket, stops at ~340 engines
+        self.engine_context: zmq.Context | None = None
         self.bad = RateLimitedLog()
         self.dropped: collections.Counter = collections.Counter()
         self.on_kill: Callable[[int, int], None] | None = None
@@ -125,6 +161,9 @@ class Hub:
             s.rcvhwm = 0
             if self.curve_keys is not None:
                 curve.serve(s, *self.curve_keys)
+        # libzmq drops a peer whose frame is over the limit, before it is buffered whole
+        self.client_sock.maxmsgsize = self.max_message_bytes
+        self.reg_sock.maxmsgsize = REGISTRATION_MAX_BYTES
         self.client_port = self.client_sock.bind_to_random_port(f"tcp://{self.ip}")
         # clients in this process (same zmq context) skip TCP
         self.inproc_url = f"inproc://ipyfarm-hub-{os.getpid()}-{id(self)}"
@@ -136,7 +175,7 @@ class Hub:
         self.wake_push = ctx.socket(zmq.PUSH)
         self.wake_push.linger = 0
         self.wake_push.connect(self._wake_addr)
-        self.poller = zmq.Poller()
+        self.poller = SocketPoller()  # epoll: cost per loop follows the active sockets
         self._handlers: dict[Any, Callable[[list], None]] = {
             self.client_sock: self._on_client,
             self.reg_sock: self._on_registration,
@@ -153,6 +192,7 @@ class Hub:
             "client": f"tcp://{self.ip}:{self.client_port}",
             "registration": f"tcp://{self.ip}:{self.reg_port}",
             "pid": os.getpid(),
+            "max_message_bytes": self.max_message_bytes,
             **(curve.record(*self.curve_keys) if self.curve_keys is not None else {}),
         }
 
@@ -242,10 +282,14 @@ class Hub:
                             handler(frames)
                         except Exception:  # a bug or bad input must not stop the hub
                             log.exception("controller: error handling a message")
+                # replies sent on these may have consumed their readable signal
+                self.poller.recheck(self.client_sock)
+                self.poller.recheck(self.reg_sock)
                 now = time.monotonic()
                 if now >= next_timer or (deadline is not None and now >= deadline):
                     self._execute(self.state.handle(E.TimerFired(now)))
                 if now >= next_timer:
+                    self.poller.sweep()  # a missed signal costs one period, not a hang
                     self._expire_control(now)
                     flush = getattr(self.state.db, "flush", None)
                     if flush is not None:  # a persistent DB writes what waits
@@ -259,6 +303,9 @@ class Hub:
         for socks in self._engine_socks.values():
             for s in socks:
                 s.close(0)
+        self.poller.close()
+        if self.engine_context is not None:
+            self.engine_context.term()
         for s in (self.client_sock, self.reg_sock, self.wake_pull):
             s.close(0)
         with self._post_lock:
@@ -267,6 +314,12 @@ class Hub:
     # ------------------------------------------------------------------ input
     def _decode(self, frames: list, where: str) -> tuple[list[bytes], list, dict] | None:
         """Split, verify and read the header; None (counted, logged) when bad."""
+        limit = REGISTRATION_MAX_BYTES if where == "registration" else self.max_message_bytes
+        if sum(map(len, frames)) > limit:
+            self.dropped["too_large"] += 1
+            self.bad.warn("large", f"controller: dropped a message of more than {limit} "
+                          f"bytes on the {where} port (max_message_bytes)")
+            return None
         try:
             idents, rest = split_identities(frames)
             # payload buffers are forwarded, never unpickled here: the receiving end
@@ -495,6 +548,7 @@ class Hub:
         if socks is None:
             return
         send_frames(socks[0], [ident, DELIM, *rest])
+        self.poller.recheck(socks[0])
         if msg_type == "comm_close":
             self._comms.pop(content["comm_id"], None)
 
@@ -656,6 +710,7 @@ class Hub:
     def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
         shell = self._engine_socks[cmd.engine_id][0]
         send_frames(shell, [cmd.client_ident, DELIM, *cmd.frames])
+        self.poller.recheck(shell)
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
         self._to_client([cmd.client_ident, DELIM, *cmd.frames])
@@ -678,12 +733,14 @@ class Hub:
         def url(port: Any) -> str:
             return f"tcp://{ip}:{port}" if transport == "tcp" else f"ipc://{ip}-{port}"
 
-        shell = self.context.socket(zmq.DEALER)
-        control = self.context.socket(zmq.DEALER)
+        if self.engine_context is None:
+            self.engine_context = engine_context(ENGINE_SOCKETS)
+        shell = self.engine_context.socket(zmq.DEALER)
+        control = self.engine_context.socket(zmq.DEALER)
         # one SUB per engine, closed when the engine goes: disconnecting an endpoint of
         # a shared SUB while other engines publish trips libzmq's fair-queue assertion
         # (`!_more`, fq.cpp) now and then, aborting the whole process
-        iopub = self.context.socket(zmq.SUB)
+        iopub = self.engine_context.socket(zmq.SUB)
         iopub.setsockopt(zmq.SUBSCRIBE, b"")
         for s in (shell, control, iopub):
             s.linger = 0
@@ -729,6 +786,7 @@ class Hub:
         if socks is None:
             return None
         msg = self.session.send(socks[1], msg_type, content)
+        self.poller.recheck(socks[1])
         msg_id = msg["header"]["msg_id"] if msg else None
         if msg_id:
             self._control_engine[msg_id] = engine_id

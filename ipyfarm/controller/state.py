@@ -81,6 +81,9 @@ class ControllerState:
         self._deadlines: list[tuple[float, str]] = []  # heap of waiting jobs' deadlines
         self.limits = RunLimits(limit_grace)  # running jobs' time-limit deadlines
         self._live: list[EngineState] = []  # alive engines, in id order
+        # alive engines with room for another balanced task (fewer than hwm outstanding):
+        # kept up to date so a decision does not walk every engine of a large cluster
+        self._roomy: dict[int, EngineState] = {}
         self._idents: dict[bytes, bytes] = {}  # client identities, shared by their records
         self._handlers = {cls: getattr(self, "_on_" + cls.__name__)
                           for cls in vars(E).values()
@@ -117,6 +120,7 @@ class ControllerState:
         self.engines[engine_id] = eng
         self._by_uuid[ev.uuid] = engine_id
         bisect.insort(self._live, eng, key=lambda e: e.engine_id)  # kept in id order
+        self._roomy[engine_id] = eng
         out: list[C.Command] = [
             C.ConnectEngine(engine_id, ev.info),
             C.ReplyRegistration(ev.ident, self._registration_reply(eng)),
@@ -211,6 +215,7 @@ class ControllerState:
         eng.alive = False
         eng.lost_reason = reason
         self._live.remove(eng)
+        self._roomy.pop(engine_id, None)
         out: list[C.Command] = []
         lost = list(eng.outstanding)
         eng.outstanding.clear()
@@ -394,8 +399,9 @@ class ControllerState:
             return
         kept: list[Job] = []
         hwm = self.hwm
+        # in id order, as the schemes expect (ties, seeded random picks)
+        roomy = sorted(self._roomy.values(), key=_engine_id)
         while self.ready:
-            roomy = [e for e in self._live if hwm == 0 or len(e.outstanding) < hwm]
             if not roomy:
                 break
             job = self.ready.popleft()
@@ -421,7 +427,10 @@ class ControllerState:
                 fresh = [e for e in choices if e.engine_id not in job.tried]
                 choices = fresh or choices
             # engines are Slot-like (engine_id, load, last_used): no copies per decision
-            self._dispatch(job, self.scheme(choices, self.rng), out)
+            eng = self.scheme(choices, self.rng)
+            self._dispatch(job, eng, out)
+            if hwm and len(eng.outstanding) >= hwm:
+                roomy.remove(eng)
         if kept:
             self.ready.extendleft(reversed(kept))
 
@@ -431,6 +440,8 @@ class ControllerState:
         job.rec.engine_id = eng.engine_id
         job.rec.engine_uuid = eng.uuid
         eng.outstanding[job.msg_id] = job.rec.queue
+        if self.hwm and len(eng.outstanding) >= self.hwm:
+            self._roomy.pop(eng.engine_id, None)
         self._dispatches += 1
         eng.last_used = self._dispatches
         if job.time_limit is not None and len(eng.outstanding) == 1:
@@ -520,6 +531,8 @@ class ControllerState:
             # a reply for a task already failed (engine declared lost) or unknown: drop it
             return []
         del eng.outstanding[ev.msg_id]
+        if eng.alive and (self.hwm == 0 or len(eng.outstanding) < self.hwm):
+            self._roomy[eng.engine_id] = eng
         if eng.outstanding:
             self._arm_next(eng)
         out: list[C.Command] = []
@@ -664,6 +677,8 @@ class ControllerState:
                 running[msg_id] = eng.engine_id
             if not eng.alive:
                 assert not eng.outstanding, eng.engine_id
+        roomy = {e.engine_id for e in self._live if not self.hwm or e.load < self.hwm}
+        assert set(self._roomy) == roomy, (sorted(self._roomy), sorted(roomy))
         queued = {j.msg_id for j in self.ready}
         for msg_id, job in self.pending.items():
             assert job.rec.status == PENDING, (msg_id, job.rec.status)
@@ -678,6 +693,10 @@ class ControllerState:
                 assert job.phase == RUNNING, (msg_id, job.phase, job.limit_stage)
                 eng = self.engines[job.rec.engine_id]
                 assert next(iter(eng.outstanding)) == msg_id, (msg_id, job.limit_stage)
+
+
+def _engine_id(eng: EngineState) -> int:
+    return eng.engine_id
 
 
 def _nbytes(frames: Any) -> int:

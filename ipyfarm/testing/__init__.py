@@ -1,0 +1,1 @@
+"""Tools for testing and benchmarking ipyfarm (not needed to use it)."""
