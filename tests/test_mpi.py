@@ -172,6 +172,10 @@ def test_one_mpiexec_started_all_ranks(mpi_cluster, rc):
     assert ("--allow-run-as-root" in world["command"]) == (os.geteuid() == 0)
     mpiexec = psutil.Process(world["pid"])
     assert {p.pid for p in mpiexec.children(recursive=True)} >= set(world["ranks"])
+    # the dashboard's launcher line (and `ipyfarm list`'s column)
+    from ipyfarm.widgets.model import launcher_summary
+
+    assert launcher_summary(c.launcher.describe()) == "mpi 1 mpiexec, 4 ranks"
 
 
 @needs_mpi
@@ -396,3 +400,21 @@ def test_engines_started_by_hand_under_mpiexec_find_their_ranks_without_mpi_flag
             kill_pids(pids + [proc.pid])
             proc.wait(10)
             proc.stdout.close()
+
+
+@needs_mpi
+def test_an_engine_without_mpi4py_fails_the_start_saying_why(tmp_path, caplog):
+    # an mpi4py that cannot be imported, put first on the ranks' path (-x exports it)
+    (tmp_path / "mpi4py").mkdir()
+    (tmp_path / "mpi4py" / "__init__.py").write_text(
+        "raise ImportError('mpi4py hidden by the test')\n")
+    options = {"mpi_args": ["-x", f"PYTHONPATH={tmp_path}"]}
+    c = ipp.Cluster(n=2, engines="mpi", engine_options=options, engine_timeout=60,
+                    profile=f"test-mpi5-{os.getpid()}")
+    with caplog.at_level("WARNING", logger="ipyfarm.cluster"):
+        with pytest.raises(ipp.error.EngineError, match="exited during start-up"):
+            c.start_and_connect_sync()
+    assert c.controller is None and c.launcher.poll() == {}
+    text = caplog.text
+    assert "cannot import mpi4py (mpi4py hidden by the test)" in text, text
+    assert "pip install mpi4py" in text
