@@ -250,6 +250,30 @@ ok = rank != 0 or bool((back == 2 * whole).all())
     assert rc[:].pull("ok", block=True) == [True] * 4
 
 
+def mark_then_sleep_in_steps(folder, seconds):
+    import os
+    import time
+
+    open(os.path.join(folder, str(os.getpid())), "w").close()  # started: interruptible now
+    for _ in range(int(seconds * 10)):
+        time.sleep(0.1)
+
+
+@needs_mpi
+def test_interrupting_mpi_engines_leaves_the_world_whole(mpi_cluster, rc, tmp_path):
+    c, _ = mpi_cluster
+    pids = dict(_rank_pids(rc))
+    ar = rc[:].apply_async(mark_then_sleep_in_steps, str(tmp_path), 60)
+    assert wait_until(lambda: len(os.listdir(tmp_path)) == 4, 30)
+    rc.send_signal("SIGINT")
+    with pytest.raises(ipp.error.CompositeError, match="KeyboardInterrupt"):
+        ar.get(30)
+    # the same processes, still one world
+    assert _rank_pids(rc) == pids and len(c.launcher.describe()["worlds"]) == 1
+    assert rc[:].apply_sync(lambda: __import__("mpi4py.MPI").MPI.COMM_WORLD.allreduce(1)
+                            ) == [4, 4, 4, 4]
+
+
 # ---------------------------------------------------------------------- small worlds
 def _rank_pids(rc):
     return {engine_id: info["pid"] for engine_id, info in rc.engines.items()}
