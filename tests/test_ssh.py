@@ -359,6 +359,30 @@ def test_apply_map_push_pull_over_ssh_engines(ssh_cluster):
     assert view.apply_sync(lambda: a + len(b)) == [7, 7]  # noqa: F821
 
 
+def test_signal_reaches_the_engine_over_ssh(ssh_cluster, tmp_path):
+    """launcher.signal: ``kill -INT pid`` on the engine's host interrupts its task; the
+    engine lives on."""
+    rc, launcher = ssh_cluster.rc, ssh_cluster.cluster.launcher
+    target = rc.ids[0]
+    pid = rc[target].apply_sync(os.getpid)
+    handle = next(h for h, (_, p) in launcher.remote_pids.items() if p == pid)
+    running = tmp_path / "running"  # the "host" is this machine: the task says it began
+
+    def mark_and_sleep(path, seconds):
+        import pathlib
+        import time
+
+        pathlib.Path(path).touch()
+        time.sleep(seconds)
+
+    ar = rc[target].apply_async(mark_and_sleep, str(running), 60)
+    assert wait_until(running.exists, 20), "the task did not start"
+    launcher.signal(signal.SIGINT, [handle])
+    with pytest.raises(ipp.error.RemoteError, match="KeyboardInterrupt"):
+        ar.get(20)
+    assert rc[target].apply_sync(os.getpid) == pid
+
+
 def test_engine_starts_with_no_controller_file_on_disk(sshd, tmp_path):
     """Moving the controller's file away before the engine's Python starts changes
     nothing: the engine has the info from stdin. Stopping leaves no engine, no engine file behind."""
