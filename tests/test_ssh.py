@@ -24,9 +24,8 @@ import pytest
 
 import ipyfarm as ipp
 from ipyfarm.client.tunnel import TunnelError, forward_target, tunnel_command
-from ipyfarm.cluster.ssh import (
-    SSHEngineLauncher,
-    SSHLaunchError,
+from ipyfarm.cluster.ssh import SSHEngineLauncher, SSHLaunchError
+from ipyfarm.cluster.sshplan import (
     controller_payload,
     engine_address,
     engine_ssh_command,
@@ -468,8 +467,8 @@ def test_engines_end_when_their_ssh_dies_or_are_killed_over_ssh(sshd):
         assert wait_until(lambda: launcher.pids == [], 10), launcher.remote_pids
 
 
-def _clean_start_fails(sshd, hosts, match, **extra):
-    c = ipp.Cluster(n=1, profile=f"ssh-bad-{os.getpid()}-{time.monotonic_ns()}",
+def _clean_start_fails(sshd, hosts, match, n=1, **extra):
+    c = ipp.Cluster(n=n, profile=f"ssh-bad-{os.getpid()}-{time.monotonic_ns()}",
                     engines="ssh", engine_options={**_options(sshd, **extra), "hosts": hosts})
     t0 = time.monotonic()
     try:
@@ -484,9 +483,11 @@ def _clean_start_fails(sshd, hosts, match, **extra):
 
 
 def test_unreachable_host_is_a_clear_error_in_bounded_time(sshd):
-    with _refusing_port() as port:
-        msg, took = _clean_start_fails(sshd, [f"root@127.0.0.1:{port}"], "Connection refused")
+    with _refusing_port() as port:  # ten engines: more than the handshakes run at once
+        msg, took = _clean_start_fails(sshd, [f"root@127.0.0.1:{port}"], "Connection refused",
+                                       n=10)
     assert took < 30, took
+    assert msg.count("could not start an engine on") == 10
     assert msg.startswith(f"could not start an engine on root@127.0.0.1:{port}: ssh exited "
                           "with code 255: ssh: connect to host 127.0.0.1 port")
     assert "What to do: check that `ssh -p" in msg
