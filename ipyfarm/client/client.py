@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from datetime import datetime
+from datetime import datetime, timezone
 from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from jupyter_client.jsonutil import extract_dates
 
 from .. import error
 from ..protocol.serialize import loads
-from ..protocol.session import FarmSession, parse_date, split_identities
+from ..protocol.session import DELIM, FarmSession, frames_bytes, parse_date, split_identities
+from ..protocol.sizes import check_outgoing
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata
 from .comms import CommBridge
 from .connect import find_connection_info
@@ -245,12 +246,15 @@ class Client:
                    extra_md: dict | None = None, track: bool = False) -> tuple[str, Any]:
         """Sign and queue one task message; returns ``(msg_id, tracker)``."""
         self._check_open()
+        if buffers:
+            check_outgoing(buffers, self._info.get("max_message_bytes"), msg_type)
         md: dict[str, Any] = {"engine_id": engine_id}
         if extra_md:
             md.update(extra_md)
         msg = self.session.msg(msg_type, content=content, metadata=md)
         msg_id = msg["header"]["msg_id"]
         frames = self.session.serialize_with_buffers(msg, None, buffers)
+        self._last_task_frames = frames  # for _send_tasks
         meta = Metadata(msg_id=msg_id, submitted=msg["header"]["date"], engine_id=engine_id)
         if extra_md:
             for key in ("after", "follow"):
@@ -263,8 +267,43 @@ class Client:
         tracker = self._io.send(frames, track)
         return msg_id, tracker
 
+    def _send_tasks(self, msg_type: str, content: dict, buffers: list, engine_ids: list,
+                    extra_md: dict | None = None) -> list[str]:
+        """One task per engine (a DirectView's fan-out); returns their msg_ids.
+
+        The first message is built as usual; the others reuse its packed content, its
+        parent and its buffers' signed digests (hashed once, not once per engine): only
+        the header (msg_id, date) and the metadata (engine_id) differ, and each is signed.
+        """
+        if len(engine_ids) < 2:
+            return [self._send_task(msg_type, content, buffers, e, extra_md)[0]
+                    for e in engine_ids]
+        first, _ = self._send_task(msg_type, content, buffers, engine_ids[0], extra_md)
+        frames = self._last_task_frames
+        session = self.session
+        base = session.unpack(frames_bytes(frames[2]))  # with its buffer_digests
+        parent, packed_content, views = frames[3], frames[5], frames[6:]
+        md: dict[str, Any] = {"engine_id": None, **(extra_md or {})}
+        deps = {key: list(dep["ids"] if isinstance(dep, dict) else dep)
+                for key in ("after", "follow") if (dep := md.get(key))}
+        ids = [first]
+        for engine_id in engine_ids[1:]:
+            msg_id = session.msg_id
+            date = datetime.now(timezone.utc)
+            md["engine_id"] = engine_id
+            parts = [session.pack(dict(base, msg_id=msg_id, date=date)), parent,
+                     session.pack(md), packed_content]
+            meta = Metadata(msg_id=msg_id, submitted=date, engine_id=engine_id, **deps)
+            self.metadata[msg_id] = meta
+            self.outstanding.add(msg_id)
+            self.history.append(msg_id)
+            self._io.send([DELIM, session.sign(parts), *parts, *views])
+            ids.append(msg_id)
+        return ids
+
     def _send_comm(self, msg_type: str, content: dict, buffers: list) -> None:
         """A frontend's message for a comm an engine opened (see :mod:`.comms`)."""
+        check_outgoing(buffers, self._info.get("max_message_bytes"), msg_type)
         msg = self.session.msg(msg_type, content=content)
         self._io.send(self.session.serialize_with_buffers(msg, None, list(buffers)))
 

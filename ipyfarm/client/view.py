@@ -184,11 +184,15 @@ class DirectView(View):
         track = self.track if track is None else track
         msg_ids, trackers = [], []
         md = self._limit_md()
-        for engine_id in engine_ids:
-            msg_id, tracker = self.client._send_task("apply_request", {}, frames, engine_id,
-                                                     extra_md=md, track=track)
-            msg_ids.append(msg_id)
-            trackers.append(tracker)
+        if track:
+            for engine_id in engine_ids:
+                msg_id, tracker = self.client._send_task("apply_request", {}, frames,
+                                                         engine_id, extra_md=md, track=True)
+                msg_ids.append(msg_id)
+                trackers.append(tracker)
+        else:  # packed and hashed once for all engines
+            msg_ids = self.client._send_tasks("apply_request", {}, frames, engine_ids, md)
+            trackers = [None] * len(msg_ids)
         fname = getattr(f, "__name__", "f")
         ar = AsyncResult(self.client, msg_ids, fname, trackers=trackers,
                          single=self._single(targets))
@@ -203,8 +207,8 @@ class DirectView(View):
         content = {"code": code, "silent": silent, "store_history": not silent,
                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": False}
         md = self._limit_md()
-        msg_ids = [self.client._send_task("execute_request", content, [], e, extra_md=md)[0]
-                   for e in self._targets(targets)]
+        msg_ids = self.client._send_tasks("execute_request", content, [], self._targets(targets),
+                                          md)
         ar = AsyncResult(self.client, msg_ids, "execute", single=self._single(targets))
         return self._finish(ar, block)
 

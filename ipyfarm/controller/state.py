@@ -84,6 +84,10 @@ class ControllerState:
         # alive engines with room for another balanced task (fewer than hwm outstanding):
         # kept up to date so a decision does not walk every engine of a large cluster
         self._roomy: dict[int, EngineState] = {}
+        # leastload (the default) picks from a heap of (load, last_used, engine_id) of the
+        # engines with room, O(log n) a decision; entries an engine outgrew are skipped
+        self._by_load: list[tuple[int, int, int]] = []
+        self._heaped = scheme == "leastload"
         self._idents: dict[bytes, bytes] = {}  # client identities, shared by their records
         self._handlers = {cls: getattr(self, "_on_" + cls.__name__)
                           for cls in vars(E).values()
@@ -120,7 +124,7 @@ class ControllerState:
         self.engines[engine_id] = eng
         self._by_uuid[ev.uuid] = engine_id
         bisect.insort(self._live, eng, key=lambda e: e.engine_id)  # kept in id order
-        self._roomy[engine_id] = eng
+        self._room(eng)
         out: list[C.Command] = [
             C.ConnectEngine(engine_id, ev.info),
             C.ReplyRegistration(ev.ident, self._registration_reply(eng)),
@@ -214,7 +218,7 @@ class ControllerState:
             return []
         eng.alive = False
         eng.lost_reason = reason
-        self._live.remove(eng)
+        _remove(self._live, eng)
         self._roomy.pop(engine_id, None)
         out: list[C.Command] = []
         lost = list(eng.outstanding)
@@ -398,15 +402,22 @@ class ControllerState:
         if not self.ready:
             return
         kept: list[Job] = []
-        hwm = self.hwm
-        # in id order, as the schemes expect (ties, seeded random picks)
-        roomy = sorted(self._roomy.values(), key=_engine_id)
+        roomy: list | None = None  # made when a decision needs the list of candidates
         while self.ready:
-            if not roomy:
+            if not self._roomy:
                 break
             job = self.ready.popleft()
             if self.pending.get(job.msg_id) is not job:
                 continue  # finished meanwhile (aborted)
+            if self._heaped and not job.constrained and not job.tried:
+                eng = self._least_loaded()
+                self._dispatch(job, eng, out)
+                if roomy is not None and eng.engine_id not in self._roomy:
+                    _remove(roomy, eng)
+                continue
+            if roomy is None:
+                # in id order, as the schemes expect (ties, seeded random picks)
+                roomy = sorted(self._roomy.values(), key=_engine_id)
             if job.constrained:
                 fits, why = self._candidates(job)
                 if not fits:
@@ -429,8 +440,8 @@ class ControllerState:
             # engines are Slot-like (engine_id, load, last_used): no copies per decision
             eng = self.scheme(choices, self.rng)
             self._dispatch(job, eng, out)
-            if hwm and len(eng.outstanding) >= hwm:
-                roomy.remove(eng)
+            if eng.engine_id not in self._roomy:
+                _remove(roomy, eng)
         if kept:
             self.ready.extendleft(reversed(kept))
 
@@ -440,13 +451,36 @@ class ControllerState:
         job.rec.engine_id = eng.engine_id
         job.rec.engine_uuid = eng.uuid
         eng.outstanding[job.msg_id] = job.rec.queue
-        if self.hwm and len(eng.outstanding) >= self.hwm:
-            self._roomy.pop(eng.engine_id, None)
         self._dispatches += 1
         eng.last_used = self._dispatches
+        if self.hwm and len(eng.outstanding) >= self.hwm:
+            self._roomy.pop(eng.engine_id, None)
+        elif eng.alive:
+            self._room(eng)  # its load and last use changed
         if job.time_limit is not None and len(eng.outstanding) == 1:
             self.limits.arm(job, self._now)  # else it starts when the ones ahead finish
         out.append(C.DispatchTask(eng.engine_id, job.msg_id, job.rec.client_ident, job.frames))
+
+    def _room(self, eng: EngineState) -> None:
+        """``eng`` has room for a balanced task (again, or with a new load)."""
+        self._roomy[eng.engine_id] = eng
+        if self._heaped:
+            heap = self._by_load
+            if len(heap) > 2 * len(self._roomy) + 1024:  # mostly outgrown entries
+                heap[:] = [(e.load, e.last_used, e.engine_id) for e in self._roomy.values()]
+                heapq.heapify(heap)
+            else:
+                heapq.heappush(heap, (len(eng.outstanding), eng.last_used, eng.engine_id))
+
+    def _least_loaded(self) -> EngineState:
+        """leastload's pick among the engines with room (there is one)."""
+        heap = self._by_load
+        while True:
+            load, used, engine_id = heap[0]
+            eng = self._roomy.get(engine_id)
+            if eng is not None and len(eng.outstanding) == load and eng.last_used == used:
+                return eng
+            heapq.heappop(heap)
 
     def _arm_next(self, eng: EngineState) -> None:
         """The engine's next task starts running now: start its time-limit clock."""
@@ -532,7 +566,7 @@ class ControllerState:
             return []
         del eng.outstanding[ev.msg_id]
         if eng.alive and (self.hwm == 0 or len(eng.outstanding) < self.hwm):
-            self._roomy[eng.engine_id] = eng
+            self._room(eng)
         if eng.outstanding:
             self._arm_next(eng)
         out: list[C.Command] = []
@@ -679,6 +713,10 @@ class ControllerState:
                 assert not eng.outstanding, eng.engine_id
         roomy = {e.engine_id for e in self._live if not self.hwm or e.load < self.hwm}
         assert set(self._roomy) == roomy, (sorted(self._roomy), sorted(roomy))
+        if self._heaped:
+            entries = set(self._by_load)
+            for e in self._roomy.values():
+                assert (e.load, e.last_used, e.engine_id) in entries, e.engine_id
         queued = {j.msg_id for j in self.ready}
         for msg_id, job in self.pending.items():
             assert job.rec.status == PENDING, (msg_id, job.rec.status)
@@ -697,6 +735,14 @@ class ControllerState:
 
 def _engine_id(eng: EngineState) -> int:
     return eng.engine_id
+
+
+def _remove(engines: list, eng: EngineState) -> None:
+    """Remove ``eng`` by identity (list.remove compares every field of each record)."""
+    for i, e in enumerate(engines):
+        if e is eng:
+            del engines[i]
+            return
 
 
 def _nbytes(frames: Any) -> int:
