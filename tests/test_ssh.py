@@ -358,6 +358,21 @@ def test_apply_map_push_pull_over_ssh_engines(ssh_cluster):
     assert view.apply_sync(lambda: a + len(b)) == [7, 7]  # noqa: F821
 
 
+def test_a_controller_on_all_interfaces_with_curve(sshd):
+    """ip='0.0.0.0': engines get a dialable address instead of the wildcard, and the Curve
+    keys travel on stdin with the rest of the controller's info."""
+    with running_cluster(1, engines="ssh", ip="0.0.0.0",
+                         engine_options=_options(sshd)) as (c, rc):
+        info = c.controller.connection_info()
+        assert info["registration"].startswith("tcp://0.0.0.0:")
+        assert info.get("curve_publickey"), "Curve is on beyond loopback"
+        sent = json.loads(c.launcher.payload)
+        assert sent["registration"] == info["registration"].replace("0.0.0.0", "127.0.0.1")
+        assert sent["curve_publickey"] == info["curve_publickey"]
+        assert rc[:].apply_sync(lambda: os.environ["SSH_CONNECTION"].split()[3]) == \
+            [str(sshd.port)]
+
+
 def test_signal_reaches_the_engine_over_ssh(ssh_cluster, tmp_path):
     """launcher.signal: ``kill -INT pid`` on the engine's host interrupts its task; the
     engine lives on."""
