@@ -223,10 +223,10 @@ class SSHEngineLauncher(EngineLauncher):
             proc.stdin.flush()  # and held open: closing it stops the engine
         except OSError:
             pass  # ssh already failed; its stderr says why
-        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            t = threading.Thread(target=self._read, args=(eng, name, stream),
-                                 name=f"ipyfarm-ssh-{name}", daemon=True)
-            eng.threads.append(t)
+        eng.threads = [threading.Thread(target=self._read, args=(eng, name, stream),
+                                        name=f"ipyfarm-ssh-{name}", daemon=True)
+                       for name, stream in (("stderr", proc.stderr), ("stdout", proc.stdout))]
+        for t in eng.threads:  # stderr's first: the stdout reader joins it when ssh ends
             t.start()
         return eng
 
