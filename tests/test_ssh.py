@@ -40,6 +40,9 @@ from .conftest import kill_pids, running_cluster, wait_until
 SSHD = shutil.which("sshd")
 SSH_KEYGEN = shutil.which("ssh-keygen")
 
+# the launcher's reader threads must not fail quietly
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 # ---------------------------------------------------------------------- pure builders
 @pytest.mark.parametrize("spec, target, shown", [
