@@ -4,6 +4,7 @@
 
     python -m ipyfarm.engine --controller-file FILE [--ip IP] [--parent-pid PID] [--log-level L]
     python -m ipyfarm.engine --url tcp://HOST:PORT --key HEX [...]
+    ... | python -m ipyfarm.engine --controller-file -    # its JSON on stdin (ssh launcher)
     mpiexec -n 4 python -m ipyfarm.engine --controller-file FILE --mpi   # ids = MPI ranks
     python -m ipyfarm.engine -f CONNECTION_FILE          # a plain kernel, as Jupyter starts it
 
@@ -11,7 +12,8 @@ Startup: parse arguments → read the controller file (key, registration address
 five kernel ports on 127.0.0.1 (or ``--ip``) → write ``ipyfarm-engine-<uuid>.json`` (0600)
 in the Jupyter runtime dir → build the kernel → register (blocking, up to 30 s) → serve.
 The engine exits when the controller stops answering heartbeats, answers ``unknown``, or
-when ``--parent-pid`` exits; SIGTERM and ``shutdown_request`` exit cleanly (unregistering).
+when ``--parent-pid`` exits; SIGTERM and ``shutdown_request`` exit cleanly (unregistering),
+and so does end-of-file on stdin after ``--controller-file -``.
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ class FarmEngineApp(IPKernelApp):
     )
     kernel_class = Type(FarmKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
 
-    controller_file = Unicode("", help="the controller's JSON file (key, registration)").tag(
+    controller_file = Unicode("", help="the controller's JSON file (key, registration); "
+                              "'-': one line on stdin, and exit when stdin closes").tag(
         config=True
     )
     url = Unicode("", help="the controller's registration address, tcp://host:port").tag(
