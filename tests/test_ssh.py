@@ -188,6 +188,15 @@ def test_launcher_options_are_checked_up_front(tmp_path):
         f"{sys.executable} -m ipyfarm.engine --controller-file - --log-level WARN'")
 
 
+def test_an_engine_told_to_read_stdin_gets_nothing():
+    out = subprocess.run([sys.executable, "-m", "ipyfarm.engine", "--controller-file", "-"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith(
+        "ipyfarm engine: cannot read the controller's info from stdin (--controller-file -): "
+        "stdin was closed before the controller info arrived. Likely cause:"), out.stderr
+
+
 # ---------------------------------------------------------------------- a real sshd
 def _free_port():
     with socket.socket() as s:

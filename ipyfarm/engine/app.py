@@ -84,6 +84,14 @@ def read_controller_file(path: str) -> dict[str, Any]:
             f"running (it removes the file when it stops). {what_to_do}"
         ) from None
     except (OSError, ValueError) as e:
+        if path == "-":
+            raise EngineStartError(
+                f"cannot read the controller's info from stdin (--controller-file -): {e}. "
+                "Likely cause: what started the engine did not send it as one JSON line "
+                "and keep stdin open (the ssh launcher does both: stdin's end stops the "
+                "engine). What to do: start ssh engines with Cluster(engines='ssh') or "
+                "`ipyfarm start --engines ssh`, or pass --controller-file FILE."
+            ) from None
         raise EngineStartError(
             f"cannot read controller file {path}: {e}. Likely cause: the file is not an "
             f"ipyfarm controller file, or it is being written. {what_to_do}"
