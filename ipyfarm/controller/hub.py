@@ -33,7 +33,7 @@ from ..protocol.session import (
 from . import commands as C
 from . import events as E
 from .db import MemoryTaskDB
-from .poller import SocketPoller
+from .poller import SocketPoller, recv_frames
 from .state import ControllerState
 from .wire import RateLimitedLog, compact, epoch, frames_nbytes, send_frames, task_fields
 
@@ -273,7 +273,7 @@ class Hub:
                         continue
                     for _ in range(512):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = recv_frames(sock)
                         except zmq.Again:
                             break
                         except zmq.ZMQError:
@@ -282,6 +282,8 @@ class Hub:
                             handler(frames)
                         except Exception:  # a bug or bad input must not stop the hub
                             log.exception("controller: error handling a message")
+                    else:  # not drained: its signal is spent, so look again next time
+                        self.poller.recheck(sock)
                 # replies sent on these may have consumed their readable signal
                 self.poller.recheck(self.client_sock)
                 self.poller.recheck(self.reg_sock)
