@@ -521,9 +521,12 @@ def _main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    parent = os.getppid()
     sim.start()
     print(json.dumps({"engines": args.n, "pid": os.getpid()}), flush=True)
     while not done.wait(0.2):
+        if os.getppid() != parent:  # whoever started us is gone: do not linger
+            break
         if sim.error is not None or not sim._thread.is_alive():  # type: ignore[union-attr]
             print(f"simulated engines failed: {sim.error!r}", file=sys.stderr)
             return 1
