@@ -40,7 +40,8 @@ class Cluster:
                  engine_timeout: float = 60.0, scheme: str = "leastload", hwm: int = 1,
                  restart_engines: bool = False, max_restarts: int = 3,
                  restart_window: float = 60.0, engine_options: dict | None = None,
-                 curve: bool | None = None, **kwargs: Any):
+                 curve: bool | None = None, max_message_bytes: int | None = None,
+                 **kwargs: Any):
         if controller != "embedded":
             raise ValueError(f"controller={controller!r}: only 'embedded' runs in-process; "
                              "use `ipyfarm start` for a standalone controller")
@@ -71,6 +72,8 @@ class Cluster:
                             "scheme": scheme, "hwm": hwm,
                             # CurveZMQ: None = on iff ip is beyond loopback (ipyfarm.curve)
                             "curve": curve}
+        if max_message_bytes is not None:  # per frame and per message; default 4 GiB
+            self._hub_kwargs["max_message_bytes"] = max_message_bytes
         self.controller: EmbeddedController | None = None
         self.launcher: EngineLauncher | None = None
         self._clients: list[Any] = []
