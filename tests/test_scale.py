@@ -11,9 +11,11 @@ import time
 
 import psutil
 import pytest
+import zmq
 
 from ipyfarm.client.client import Client
 from ipyfarm.controller.hub import Hub
+from ipyfarm.controller.poller import SocketPoller, recv_frames
 from ipyfarm.testing.simengines import SimEngines
 
 from .conftest import running_cluster, wait_until
@@ -121,3 +123,43 @@ def test_sixty_four_real_engines_register_and_run_a_map():
               f"{time.monotonic() - t0 - ready:.1f} s")
     assert not [p for p in psutil.Process().children(recursive=True) if p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE and p.pid in cluster.launcher.pids]
+
+
+def test_socket_poller_reports_what_arrives_and_what_it_is_told_to_look_at_again():
+    ctx = zmq.Context()
+    pulls, pushes = [], []
+    poller = SocketPoller()
+    try:
+        for i in range(50):
+            pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+            pull.bind(f"inproc://poller-test-{i}")
+            push.connect(f"inproc://poller-test-{i}")
+            pulls.append(pull)
+            pushes.append(push)
+            poller.register(pull)
+        assert poller.poll(0) == []
+        for i in (3, 17, 42):
+            pushes[i].send_multipart([b"a", b"b"])
+        ready = {s for s, _ in poller.poll(1000)}
+        assert ready == {pulls[3], pulls[17], pulls[42]}
+        for i in (3, 17):
+            assert [f.bytes for f in recv_frames(pulls[i])] == [b"a", b"b"]
+            with pytest.raises(zmq.Again):
+                recv_frames(pulls[i])
+        # 42 was not drained: its signal is spent, so only a recheck or a sweep finds it
+        assert poller.poll(0) == []
+        poller.recheck(pulls[42])
+        assert poller.poll(0) == [(pulls[42], zmq.POLLIN)]
+        poller.sweep()
+        assert poller.poll(0) == [(pulls[42], zmq.POLLIN)]
+        recv_frames(pulls[42])
+        poller.unregister(pulls[5])
+        pushes[5].send(b"x")
+        pushes[6].send(b"y")
+        assert poller.poll(1000) == [(pulls[6], zmq.POLLIN)]
+        assert len(poller) == 49
+    finally:
+        poller.close()
+        for s in pulls + pushes:
+            s.close(0)
+        ctx.term()
