@@ -2,8 +2,9 @@
 delayed, cut or black-holed by a user-space TCP proxy, a host killed while its engines are
 busy, and over-size messages.
 
-Each test has its own small cluster with a short heartbeat timeout (the controller then
-declares a silent engine dead in seconds, as it would a remote one after the default 10 s).
+Each test has its own small cluster; the frozen engine is found with the default heartbeat
+settings (the promise for remote engines: within 10 s), the proxy test uses a short
+heartbeat timeout to stay quick.
 """
 
 import json
@@ -48,7 +49,9 @@ def sleep_then_pid(seconds):
 
 
 def test_a_frozen_engine_is_declared_dead_by_heartbeat_and_its_tasks_move_or_fail():
-    with small_cluster(2, heartbeat_timeout=HB_TIMEOUT) as (c, rc):
+    # default heartbeat settings: the promise is detection within 10 s, as for a remote engine
+    with small_cluster(2) as (c, rc):
+        timeout = c.controller.hub.state.heartbeat_timeout
         pid0, pid1 = rc[0].apply_sync(os.getpid), rc[1].apply_sync(os.getpid)
         view = rc.load_balanced_view(retries=1)
         lb = [view.apply_async(sleep_then_pid, 1.5) for _ in range(2)]
@@ -57,16 +60,16 @@ def test_a_frozen_engine_is_declared_dead_by_heartbeat_and_its_tasks_move_or_fai
         os.kill(pid0, signal.SIGSTOP)
         t0 = time.monotonic()
         try:
-            assert wait_until(lambda: 0 not in rc.ids, HB_TIMEOUT + 5), rc.ids
+            assert wait_until(lambda: 0 not in rc.ids, timeout + 5), rc.ids
             detected = time.monotonic() - t0
             with pytest.raises(error.EngineError):
                 direct.get(10)
             # the load-balanced task the frozen engine held reran on the other engine
             assert sorted(ar.get(15) for ar in lb) == [pid1, pid1]
             rerun = time.monotonic() - t0
-            assert detected <= HB_TIMEOUT + 1.5, detected
+            assert detected <= 10, detected
             print(f"frozen engine declared dead {detected:.2f} s after SIGSTOP "
-                  f"(heartbeat timeout {HB_TIMEOUT:g} s); its tasks done by {rerun:.2f} s")
+                  f"(heartbeat timeout {timeout:g} s); its tasks done by {rerun:.2f} s")
         finally:
             try:
                 os.kill(pid0, signal.SIGCONT)

@@ -538,7 +538,7 @@ def test_no_time_limit_means_no_deadline_and_no_interrupt():
     task(s, "t", now=1.0)
     s.handle(E.TaskSubmitted(1.0, "d", b"c1", "apply_request", 1, ["f"], time_limit=None))
     assert s.next_deadline() is None
-    assert timer(s, 9.0) == []
+    assert timer(s, 7.5) == []  # (engines silent since 0: before the heartbeat timeout)
 
 
 def test_time_limit_counts_a_retry_from_its_new_start():

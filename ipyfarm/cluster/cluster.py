@@ -36,7 +36,7 @@ class Cluster:
     def __init__(self, n: int | None = None, profile: str | None = None,
                  controller: str = "embedded", engines: str = "local",
                  log_level: str = "WARNING", ip: str = "127.0.0.1",
-                 heartbeat_period: float = 1.0, heartbeat_timeout: float = 10.0,
+                 heartbeat_period: float = 1.0, heartbeat_timeout: float = 8.0,
                  engine_timeout: float = 60.0, scheme: str = "leastload", hwm: int = 1,
                  restart_engines: bool = False, max_restarts: int = 3,
                  restart_window: float = 60.0, engine_options: dict | None = None,

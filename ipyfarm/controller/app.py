@@ -75,7 +75,7 @@ def make_state(heartbeat_period: float, heartbeat_timeout: float, db: Any,
 
 def run_standalone(n: int = 0, profile: str = "default", ip: str = "127.0.0.1",
                    log_level: str = "WARNING", heartbeat_period: float = 1.0,
-                   heartbeat_timeout: float = 10.0, db: str = "memory",
+                   heartbeat_timeout: float = 8.0, db: str = "memory",
                    db_file: str | None = None, scheme: str = DEFAULT_SCHEME,
                    hwm: int = DEFAULT_HWM, restart_engines: bool = False,
                    engines: str = "local", engine_options: dict | None = None,

@@ -98,7 +98,7 @@ class Hub:
         key: bytes | None = None,
         ip: str = "127.0.0.1",
         heartbeat_period: float = 1.0,
-        heartbeat_timeout: float = 10.0,
+        heartbeat_timeout: float = 8.0,
         context: zmq.Context | None = None,
         state: ControllerState | None = None,
         scheme: str = "leastload",

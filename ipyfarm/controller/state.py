@@ -50,7 +50,7 @@ class ControllerState:
     def __init__(
         self,
         heartbeat_period: float = 1.0,
-        heartbeat_timeout: float = 10.0,
+        heartbeat_timeout: float = 8.0,
         db: MemoryTaskDB | None = None,
         scheme: str = "leastload",
         hwm: int = 1,
