@@ -75,6 +75,22 @@ def _controller_argv(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def _engines_ready(file: Any, args: argparse.Namespace, deadline: float,
+                   what: str) -> int | None:
+    """Wait (until ``deadline``) for ``args.n`` engines of the controller in ``file``;
+    the number registered, or None after saying why on stderr."""
+    from .client.client import Client
+    from .error import IPyFarmError
+
+    try:
+        with Client(url_file=file, timeout=args.timeout) as rc:
+            rc.wait_for_engines(args.n, timeout=max(1.0, deadline - time.monotonic()))
+            return len(rc.ids)
+    except IPyFarmError as e:
+        print(f"ipyfarm: {what} but engines are not ready: {e}", file=sys.stderr)
+        return None
+
+
 def _cmd_start(args: argparse.Namespace) -> int:
     if args.controller == "slurm":
         return _start_controller_job(args)
@@ -87,8 +103,6 @@ def _cmd_start(args: argparse.Namespace) -> int:
                                 start_new_session=True, env=controller_env())
     file = paths.cluster_file(args.profile)
     deadline = time.monotonic() + args.timeout
-    from .client.client import Client
-    from .error import IPyFarmError
 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -102,13 +116,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         print(f"ipyfarm: the controller did not start within {args.timeout} s; see {log_file}",
               file=sys.stderr)
         return 1
-    try:
-        with Client(url_file=file, timeout=args.timeout) as rc:
-            rc.wait_for_engines(args.n, timeout=max(1.0, deadline - time.monotonic()))
-            n = len(rc.ids)
-    except IPyFarmError as e:
-        print(f"ipyfarm: cluster started (pid {proc.pid}) but engines are not ready: {e}",
-              file=sys.stderr)
+    n = _engines_ready(file, args, deadline, f"cluster started (pid {proc.pid})")
+    if n is None:
         return 1
     print(f"ipyfarm: cluster {args.profile!r} running: controller pid {proc.pid}, {n} engines. "
           f"Connect with ipyfarm.Client(profile={args.profile!r}); stop with "
@@ -120,9 +129,7 @@ def _start_controller_job(args: argparse.Namespace) -> int:
     """``start --controller slurm``: the controller runs as a Slurm job (docs/slurm.md)."""
     from datetime import datetime, timedelta
 
-    from .client.client import Client
     from .cluster.slurm import SlurmError, controller_job_script, submit
-    from .error import IPyFarmError
 
     output = paths.runtime_dir() / f"ipyfarm-{args.profile}-controller-%j.out"
     submitted = datetime.now().astimezone() - timedelta(seconds=5)  # clocks of other nodes
@@ -142,13 +149,8 @@ def _start_controller_job(args: argparse.Namespace) -> int:
                   f"Cancel it with `scancel {job}`.", file=sys.stderr)
             return 1
         time.sleep(0.2)
-    try:
-        with Client(url_file=file, timeout=args.timeout) as rc:
-            rc.wait_for_engines(args.n, timeout=max(1.0, deadline - time.monotonic()))
-            n = len(rc.ids)
-    except IPyFarmError as e:
-        print(f"ipyfarm: the controller runs (Slurm job {job}) but engines are not ready: {e}",
-              file=sys.stderr)
+    n = _engines_ready(file, args, deadline, f"the controller runs (Slurm job {job})")
+    if n is None:
         return 1
     print(f"ipyfarm: cluster {args.profile!r} running: controller in Slurm job {job}, {n} "
           f"engines. Connect with ipyfarm.Client(profile={args.profile!r}); stop with "

@@ -211,11 +211,3 @@ class LocalEngineLauncher(EngineLauncher):
                 self.exited[pid] = proc.returncode
             if mine and self.on_exit is not None and not self._stopping.is_set():
                 self.on_exit(pid, proc.returncode)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.pids:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
