@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zmq
@@ -26,22 +26,13 @@ import zmq
 import ipyfarm
 from ipyfarm.client.client import Client
 
+from bench_core import timed_loop  # run as a script: this folder is on sys.path
+
 SIZE = 100 * 2**20
 
 
 def _noop() -> None:
     return None
-
-
-def timed_loop(fn: Callable[[], Any], seconds: float, min_n: int = 20) -> float:
-    """Mean seconds per call, after a warm-up."""
-    for _ in range(10):
-        fn()
-    n, t0 = 0, time.perf_counter()
-    while n < min_n or time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
 
 
 def push_pull_rate(rc: Any, reps: int) -> float:
