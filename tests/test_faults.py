@@ -39,7 +39,9 @@ def test_engine_killed_mid_task_raises_engine_error_fast(cluster, rc):
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(error.EngineError, match=r"SIGKILL"):
             ar.get(timeout=5)
-        assert time.monotonic() - t0 < 5
+        took = time.monotonic() - t0
+        assert took < 3, took  # the promise for local engines (process watch)
+        print(f"killed engine's task failed {took:.2f} s after SIGKILL")
         assert wait_until(lambda: engine_id not in rc.ids, 5)
         with pytest.raises(IndexError):
             rc[engine_id]
