@@ -178,6 +178,12 @@ def test_engine_link_through_a_proxy_that_delays_cuts_and_blackholes(tmp_path):
                 engine.stderr.close()
 
 
+def huge_array(n):
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64)
+
+
 def _send_raw(url, frames):
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.linger = 0
@@ -217,3 +223,12 @@ def test_oversize_frames_and_messages_are_refused():
         # nothing was dispatched from them, and service goes on
         assert rc[0].apply_sync(lambda: "ok") == "ok"
         assert not hub.stopped.is_set()
+        # the limit guards the controller's open ports, not what its engines answer: a
+        # huge result (320 MB, far over this cluster's 1 MiB) arrives whole, twice
+        for _ in range(2):
+            t0 = time.monotonic()
+            big_result = rc[0].apply_sync(huge_array, 40_000_000)
+            assert big_result.nbytes == 320_000_000 and big_result[-1] == 39_999_999.0
+            print(f"320 MB result in {time.monotonic() - t0:.2f} s")
+            del big_result
+        assert rc[0].apply_sync(os.getpid) == c.launcher.pids[0]

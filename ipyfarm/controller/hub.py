@@ -316,8 +316,11 @@ class Hub:
     # ------------------------------------------------------------------ input
     def _decode(self, frames: list, where: str) -> tuple[list[bytes], list, dict] | None:
         """Split, verify and read the header; None (counted, logged) when bad."""
-        limit = REGISTRATION_MAX_BYTES if where == "registration" else self.max_message_bytes
-        if sum(map(len, frames)) > limit:
+        # peers on the open ports are limited; engines' replies are not (a result is
+        # whatever the user's task returned, and dropping one would leave it pending)
+        limit = (REGISTRATION_MAX_BYTES if where == "registration" else
+                 self.max_message_bytes if where == "client" else None)
+        if limit is not None and sum(map(len, frames)) > limit:
             self.dropped["too_large"] += 1
             self.bad.warn("large", f"controller: dropped a message of more than {limit} "
                           f"bytes on the {where} port (max_message_bytes)")
