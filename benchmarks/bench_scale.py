@@ -47,9 +47,11 @@ def ready_time(lib: str, n: int) -> tuple[float, Any, Any]:
     return time.perf_counter() - t0, cluster, rc
 
 
-def fan_out(rc: Any, reps: int) -> tuple[float, float]:
-    """Median seconds of ``execute("x=1")`` on all engines and on the first two."""
-    every, two = rc[:], rc[rc.ids[:2]]
+def fan_out(rc: Any, reps: int, limit: int | None = None) -> tuple[float, float]:
+    """Median seconds of ``execute("x=1")`` on all engines (or the first ``limit``) and
+    on the first two."""
+    every = rc[:] if limit is None else rc[rc.ids[:limit]]
+    two = rc[rc.ids[:2]]
     for view in (every, two):
         for _ in range(3):
             view.execute("x=1", block=True)
@@ -131,21 +133,7 @@ def simulated(n: int, tasks: int, reps: int) -> dict:
             res = json.loads(gen.stdout.strip().splitlines()[-1])
             out["lb_loadgen"] = res["rate"]
             out["lb_loadgen_errors"] = res["errors"]
-        sub = rc[rc.ids[:64]]
-        every, two = sub, rc[rc.ids[:2]]
-        for view in (every, two):
-            for _ in range(3):
-                view.execute("x=1", block=True)
-        t_all, t_two = [], []
-        for _ in range(reps):
-            t = time.perf_counter()
-            every.execute("x=1", block=True)
-            t_all.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            two.execute("x=1", block=True)
-            t_two.append(time.perf_counter() - t)
-        out["sim_fan_all"], out["sim_fan_two"] = statistics.median(t_all), \
-            statistics.median(t_two)
+        out["sim_fan_all"], out["sim_fan_two"] = fan_out(rc, reps, limit=64)
         t = time.perf_counter()
         sim.terminate()  # the simulator unregisters all its engines on SIGTERM
         sim.wait(60)
