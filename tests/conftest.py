@@ -23,6 +23,19 @@ def wait_until(predicate, timeout, interval=0.02):
         time.sleep(interval)
 
 
+def alive(pid):
+    """Is process ``pid`` running (a zombie counts as gone)?"""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def gone(pids):
+    """Have all of ``pids`` exited?"""
+    return not any(alive(p) for p in pids)
+
+
 def kill_pids(pids):
     """SIGKILL the given processes we started, if they still live."""
     for pid in pids:

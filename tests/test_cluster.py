@@ -5,20 +5,11 @@ import os
 import subprocess
 import sys
 
-import psutil
 
 import ipyfarm as ipp
 
-from .conftest import wait_until
+from .conftest import gone, wait_until
 
-
-def _gone(pids):
-    def dead(pid):
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return True
-    return all(dead(p) for p in pids)
 
 
 def test_async_with_cluster_and_engines_added_and_removed():
@@ -37,7 +28,7 @@ def test_async_with_cluster_and_engines_added_and_removed():
 
     all_pids, added = asyncio.run(main())
     assert len(added) == 2
-    assert wait_until(lambda: _gone(all_pids), 10)
+    assert wait_until(lambda: gone(all_pids), 10)
 
 
 def test_display_outputs_prints_per_engine(cluster, capsys):

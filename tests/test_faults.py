@@ -16,14 +16,8 @@ import ipyfarm as ipp
 from ipyfarm import error
 from ipyfarm.protocol.session import DELIM, FarmSession
 
-from .conftest import kill_pids, wait_until
+from .conftest import alive, kill_pids, wait_until
 
-
-def _alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def test_engine_killed_mid_task_raises_engine_error_fast(cluster, rc):
@@ -113,11 +107,11 @@ def test_engines_exit_when_their_host_is_killed():
     try:
         line = proc.stdout.readline()
         pids = json.loads(line)
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(alive(p) for p in pids)
         proc.kill()
         proc.wait(5)
         t0 = time.monotonic()
-        assert wait_until(lambda: not any(_alive(p) for p in pids), 10), "orphaned engines"
+        assert wait_until(lambda: not any(alive(p) for p in pids), 10), "orphaned engines"
         print(f"engines gone {time.monotonic() - t0:.2f} s after SIGKILL of their host")
     finally:
         proc.kill()
@@ -155,7 +149,7 @@ def test_cli_start_list_stop_leaves_nothing(tmp_path):
         stop = subprocess.run(cli + ["stop", "--profile", "t"], env=env, capture_output=True,
                               text=True, timeout=30)
         assert stop.returncode == 0, stop.stderr
-        assert wait_until(lambda: not any(_alive(p) for p in [ctl_pid, *engines]), 10)
+        assert wait_until(lambda: not any(alive(p) for p in [ctl_pid, *engines]), 10)
         assert not (tmp_path / "ipyfarm-cluster-t.json").exists()
     finally:
         kill_pids([ctl_pid, *engines])
@@ -172,7 +166,7 @@ def test_shutdown_hub_from_client_stops_everything(tmp_path):
         rc = ipp.Client(url_file=tmp_path / "ipyfarm-cluster-s.json")
         rc.shutdown(hub=True)
         rc.close()
-        assert wait_until(lambda: not any(_alive(p) for p in [info["pid"], *engines]), 10)
+        assert wait_until(lambda: not any(alive(p) for p in [info["pid"], *engines]), 10)
     finally:
         kill_pids([info["pid"], *engines])
 
@@ -428,7 +422,7 @@ def test_twenty_clusters_started_at_once_leave_nothing_behind(tmp_path):
     pids = got["pids"]
     print(f"20 clusters started, ran a task and stopped in {got['seconds']:.1f} s")
     assert len(set(pids)) == 20  # twenty distinct engines ran the tasks
-    assert wait_until(lambda: not any(_alive(p) for p in pids), 10), \
+    assert wait_until(lambda: not any(alive(p) for p in pids), 10), \
         "engines left behind"
     assert not [f for f in os.listdir(tmp_path) if f.startswith("ipyfarm-")], \
         os.listdir(tmp_path)

@@ -27,7 +27,7 @@ from ipyfarm.cluster.mpi import (
 )
 from ipyfarm.engine.mpi import rank_from_env, size_from_env
 
-from .conftest import kill_pids, running_cluster, wait_until
+from .conftest import gone, kill_pids, running_cluster, wait_until
 
 HAVE_MPI = shutil.which("mpiexec") is not None
 try:
@@ -279,15 +279,6 @@ def _rank_pids(rc):
     return {engine_id: info["pid"] for engine_id, info in rc.engines.items()}
 
 
-def _gone(pids):
-    def dead(pid):
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return True
-
-    return all(dead(p) for p in pids)
-
 
 @needs_mpi
 def test_a_second_start_is_a_second_world_and_stop_leaves_no_rank():
@@ -316,10 +307,10 @@ def test_a_second_start_is_a_second_world_and_stop_leaves_no_rank():
         # stopping engine 2 stops its whole world (engines 2 and 3), not the first one
         c.stop_engines_sync([2])
         assert wait_until(lambda: rc.ids == [0, 1], 30), rc.ids
-        assert _gone(second) and len(c.launcher.describe()["worlds"]) == 1
+        assert gone(second) and len(c.launcher.describe()["worlds"]) == 1
         assert rc[:].apply_sync(world_sum) == [11, 11]
     # running_cluster checked that no child process is left; the ranks' pids too
-    assert _gone(pids) and _gone(mpiexecs)
+    assert gone(pids) and gone(mpiexecs)
 
 
 def ignore_sigint_and_sleep(seconds):
@@ -347,7 +338,7 @@ def test_a_rank_killed_for_its_time_limit_ends_its_world_and_the_controller_hear
         with pytest.raises(ipp.error.EngineError, match="engine 0 died"):
             other.get(30)
         assert wait_until(lambda: rc.ids == [], 30), rc.ids
-        assert wait_until(lambda: _gone(pids.values()), 15)
+        assert wait_until(lambda: gone(pids.values()), 15)
         assert wait_until(lambda: mpiexec in c.launcher.exited, 15)
         assert c.launcher.exited[mpiexec] != 0
         with pytest.raises(IndexError, match="no engine 0"):
@@ -391,7 +382,7 @@ def test_ipyfarm_start_engines_mpi_daemonized(tmp_path):
         stop = subprocess.run(cli + ["stop", "--profile", profile], env=env,
                               capture_output=True, text=True, timeout=60)
         assert stop.returncode == 0, stop.stderr
-        assert wait_until(lambda: _gone(pids), 20), [p for p in pids if not _gone([p])]
+        assert wait_until(lambda: gone(pids), 20), [p for p in pids if not gone([p])]
     finally:
         if not pids:
             pids = [p.pid for p in psutil.Process().children(recursive=True)]
@@ -419,7 +410,7 @@ def test_engines_started_by_hand_under_mpiexec_find_their_ranks_without_mpi_flag
                                     ) == [2, 2]
             rc.shutdown(targets=[0, 1], block=True)  # both ranks end: mpiexec exits 0
             assert proc.wait(30) == 0, proc.stdout.read().decode()
-            assert wait_until(lambda: _gone(pids), 15)
+            assert wait_until(lambda: gone(pids), 15)
         finally:
             kill_pids(pids + [proc.pid])
             proc.wait(10)

@@ -15,14 +15,13 @@ import sys
 import textwrap
 import time
 
-import psutil
 import pytest
 import zmq
 
 from ipyfarm import error
 from ipyfarm.protocol.session import FarmSession
 
-from .conftest import kill_pids, running_cluster, wait_until
+from .conftest import alive, kill_pids, running_cluster, wait_until
 from .tcpproxy import TcpProxy
 
 HB_TIMEOUT = 3.0
@@ -32,12 +31,6 @@ def small_cluster(n, **kwargs):
     return running_cluster(n, profile=f"netfaults-{os.getpid()}-{time.monotonic_ns()}",
                            **kwargs)
 
-
-def _alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def sleep_then_pid(seconds):
@@ -77,7 +70,7 @@ def test_a_frozen_engine_is_declared_dead_by_heartbeat_and_its_tasks_move_or_fai
                 pass
         # the controller's launcher ends the engine it gave up on (a stuck local engine
         # is killed, not left to wake up later)
-        assert wait_until(lambda: not _alive(pid0), 15), "the frozen engine was left running"
+        assert wait_until(lambda: not alive(pid0), 15), "the frozen engine was left running"
         assert rc.ids == [1] and view.apply_sync(os.getpid) == pid1
 
 
@@ -109,13 +102,13 @@ def test_busy_engines_exit_when_their_host_is_killed():
     pids = []
     try:
         pids = json.loads(proc.stdout.readline())
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(alive(p) for p in pids)
         proc.kill()
         proc.wait(5)
         t0 = time.monotonic()
         # one engine is interrupted out of its sleep; the other ignores SIGINT and is ended
         # by the engine's own exit timer
-        assert wait_until(lambda: not any(_alive(p) for p in pids), 10), "orphaned engines"
+        assert wait_until(lambda: not any(alive(p) for p in pids), 10), "orphaned engines"
         print(f"busy engines gone {time.monotonic() - t0:.2f} s after SIGKILL of their host")
     finally:
         proc.kill()

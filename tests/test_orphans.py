@@ -13,7 +13,7 @@ import psutil
 import pytest
 from jupyter_client import KernelManager
 
-from .conftest import kill_pids, wait_until
+from .conftest import alive, kill_pids, wait_until
 
 START = (
     "import ipyfarm as ipp, json\n"
@@ -22,12 +22,6 @@ START = (
     "print(json.dumps(c.launcher.pids))\n"
 )
 
-
-def _alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _engines_of_a_kernel(kc):
@@ -46,7 +40,7 @@ def _engines_of_a_kernel(kc):
         elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
     pids = json.loads(out.strip().splitlines()[-1])
-    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert len(pids) == 2 and all(alive(p) for p in pids)
     return pids
 
 
@@ -67,7 +61,7 @@ def test_engines_exit_when_their_notebook_kernel_is_restarted_or_killed(how):
             km.restart_kernel(now=True)  # a kernel that does not answer: killed, restarted
         else:
             os.kill(km.provisioner.process.pid, 9)
-        assert wait_until(lambda: not any(_alive(p) for p in pids), 10), "orphaned engines"
+        assert wait_until(lambda: not any(alive(p) for p in pids), 10), "orphaned engines"
         print(f"engines gone {time.monotonic() - t0:.2f} s after the kernel's {how}")
     finally:
         kc.stop_channels()
@@ -88,7 +82,7 @@ def test_engines_exit_when_their_standalone_controller_crashes(tmp_path):
         assert len(pids) == 2
         os.kill(ctl_pid, 9)
         t0 = time.monotonic()
-        assert wait_until(lambda: not any(_alive(p) for p in pids), 10), "orphaned engines"
+        assert wait_until(lambda: not any(alive(p) for p in pids), 10), "orphaned engines"
         print(f"engines gone {time.monotonic() - t0:.2f} s after the controller's SIGKILL")
     finally:
         kill_pids([ctl_pid, *pids])

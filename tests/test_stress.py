@@ -87,7 +87,7 @@ def test_soak_with_random_engine_kills(tmp_path):
             delays = [rng.choice((0.0, 0.0, 0.001, 0.01)) for _ in xs]
             ar = view.map_async(_square_after, xs, delays, chunksize=1, return_exceptions=True)
             results = ar.get(timeout=300)  # bounded: a hang fails the soak
-            for x, r in zip(xs, results):
+            for x, r in zip(xs, results, strict=True):
                 if isinstance(r, BaseException):
                     assert isinstance(r, (error.EngineError, error.RemoteError)), repr(r)
                     assert "engine" in str(r).lower(), str(r)
