@@ -229,29 +229,24 @@ def install_kernelspec(user: bool = False, prefix: str | None = None) -> str:
     """Install the ``ipyfarm-engine`` kernelspec; returns where it went.
 
     A wheel install ships it already (``jupyter-config/``); an editable install
-    does not (setuptools skips data files there), hence this command.
+    does not (setuptools skips data files there), hence this command. Both come from
+    :func:`ipyfarm.kernelspec.kernelspec_json`; this one runs this interpreter.
     """
-    import json
     import tempfile
 
     from jupyter_client.kernelspec import KernelSpecManager
 
-    spec = {
-        "argv": [sys.executable, "-m", "ipyfarm.engine", "-f", "{connection_file}"],
-        "display_name": "ipyfarm engine",
-        "language": "python",
-        "interrupt_mode": "signal",
-        "metadata": {"debugger": False},
-    }
+    from .kernelspec import KERNEL_NAME, kernelspec_json
+
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "kernel.json"), "w") as f:
-            json.dump(spec, f, indent=1)
+            f.write(kernelspec_json(sys.executable))
         return KernelSpecManager().install_kernel_spec(
-            tmp, "ipyfarm-engine", user=user, prefix=None if user else (prefix or sys.prefix))
+            tmp, KERNEL_NAME, user=user, prefix=None if user else (prefix or sys.prefix))
 
 
 def _cmd_kernelspec(args: argparse.Namespace) -> int:
-    where = install_kernelspec(user=args.user)
+    where = install_kernelspec(user=args.user, prefix=args.prefix)
     print(f"ipyfarm: installed the ipyfarm-engine kernelspec in {where}")
     return 0
 
@@ -321,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_demo)
     sp = sub.add_parser("kernelspec", help="install the ipyfarm-engine Jupyter kernelspec")
     sp.add_argument("--user", action="store_true", help="in the user's Jupyter dir")
+    sp.add_argument("--prefix", default=None, metavar="DIR",
+                    help="under DIR/share/jupyter/kernels (default: this Python's prefix)")
     sp.set_defaults(func=_cmd_kernelspec)
     sub.add_parser("engine", help="run one engine (options: python -m ipyfarm.engine --help)",
                    add_help=False)

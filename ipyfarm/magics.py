@@ -598,7 +598,11 @@ _FARM_START.add_argument("--profile", default=None, help="the cluster's profile 
 
 
 def load_ipython_extension(ip: Any) -> None:
-    """``%load_ext ipyfarm``: ``%farm``, and ``%px`` that starts a cluster on first use."""
-    ip.register_magics(FarmMagics(ip))
+    """``%load_ext ipyfarm``: ``%farm``, and ``%px`` that starts a cluster on first use.
+
+    Idempotent: magics already registered (by an earlier call, or by a Client created in
+    this session) are kept, with their active view."""
+    if _farm_magics(ip) is None:
+        ip.register_magics(FarmMagics(ip))
     if _px_magics(ip, "") is None:
         ip.register_magics(ParallelMagics(ip))

@@ -5,6 +5,7 @@ import _thread
 import io
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -349,3 +350,100 @@ def test_farm_without_cluster(ip, px):
     finally:
         px.view = saved
 
+
+
+# ---------------------------------------------------------------------- a Client activates %px
+FRESH_SHELL = """
+import sys
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+ip = InteractiveShell.instance()
+assert "px" not in ip.magics_manager.magics["line"], "a fresh shell has no %px"
+with capture_output() as cap:
+    ok = ip.run_cell("import ipyfarm as ipp\\nrc = ipp.Client(profile=PROFILE)").success
+    ok = ok and ip.run_cell("%px import os; os.getpid()").success
+    ok = ok and ip.run_cell("%farm status").success
+    ok = ok and ip.run_cell("rc.close()").success
+print(cap.stdout)
+print(cap.stderr, file=sys.stderr)
+sys.exit(0 if ok else 1)
+"""
+
+
+def test_creating_a_client_registers_the_magics_in_a_fresh_shell(cluster):
+    """No %load_ext: a Client created in a real IPython shell (a fresh process) gives %px
+    on all engines and %farm, as in ipyparallel."""
+    c, rc = cluster
+    script = FRESH_SHELL.replace("PROFILE", repr(c.profile))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    out = _ANSI.sub("", proc.stdout)
+    assert proc.returncode == 0, out + proc.stderr
+    pids = rc[:].apply_sync(os.getpid)
+    assert "runs on the 2 engines of the Client created in this session" in out
+    for engine_id, pid in enumerate(pids):
+        assert re.search(rf"Out\[{engine_id}:\d+\]: {pid}", out), out
+    assert "2 engines, controller external" in out
+
+
+def test_a_client_outside_ipython_stays_light(cluster):
+    c, _ = cluster
+    code = (f"import sys, ipyfarm as ipp; rc = ipp.Client(profile={c.profile!r}); "
+            "assert len(rc.ids) == 2; rc.close(); "
+            "assert 'ipyfarm.magics' not in sys.modules, 'magics imported outside IPython'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_registration_keeps_the_active_view(ip, px, rc):
+    view = px.view
+    ipp.Client(profile=rc.profile).close()  # in a shell that has %px already
+    from ipyfarm.magics import load_ipython_extension
+
+    load_ipython_extension(ip)  # %load_ext again
+    assert ip.magics_manager.magics["line"]["px"].__self__ is px and px.view is view
+    farm = [fn.__self__ for name, fn in ip.magics_manager.magics["line"].items()
+            if name == "farm"]
+    assert len(farm) == 1
+
+
+def test_client_activate_returns_a_blocking_view(ip, px, rc):
+    view = rc.activate(targets=[1], suffix="second")
+    assert isinstance(view, ipp.DirectView) and view.block and view.targets == [1]
+    out, err, _, result = run(ip, "%pxsecond print('from', 'one')")
+    assert result.success, out + err
+    assert "[stdout:1] from one" in out and "[stdout:0]" not in out
+    assert ip.magics_manager.magics["line"]["pxsecond"].__self__.view is view
+    everyone = rc.activate()  # targets='all', suffix '': %px itself
+    try:
+        assert px.view is everyone and everyone.targets == "all"
+        out, _, _, _ = run(ip, "%px print('all of them')")
+        assert "[stdout:0] all of them" in out and "[stdout:1] all of them" in out
+    finally:
+        rc[:].activate()
+
+
+# ---------------------------------------------------------------------- %farm dashboard
+def test_farm_dashboard_shows_the_engines(ip, px, rc):
+    _, _, _, result = run(ip, "%farm dashboard")
+    dash = result.result
+    try:
+        from ipyfarm.widgets.dashboard import Dashboard
+
+        assert isinstance(dash, Dashboard) and dash.client is rc
+        assert dash.running  # refreshing itself in the background
+        assert list(dash.rows) == rc.ids
+        assert [r.pid for r in dash.snapshot.engines] == rc[:].apply_sync(os.getpid)
+        assert all("ipyfarm-engine-row" in row._dom_classes for row in dash.rows.values())
+    finally:
+        dash.close()
+    assert not dash.running
+    saved = px.view
+    px.view = None
+    try:
+        with pytest.raises(UsageError, match="no cluster is active"):
+            ip.run_line_magic("farm", "dashboard")
+    finally:
+        px.view = saved

@@ -9,12 +9,14 @@ and what a refresh every 0.1 s costs the controller.
 import ast
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import ipyfarm as ipp
@@ -422,18 +424,100 @@ def live_rows(d):
             if r.alive]
 
 
-def test_rows_show_the_engines(rc, dashboard):
+def wait_for_file(path, timeout=30):
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} was not created within {timeout} s")
+        time.sleep(0.01)
+    return path
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def cell(row, header):
+    return texts(row)[[h for h, _ in ENGINE_COLUMNS].index(header)]
+
+
+def test_rows_show_the_engines(rc, dashboard, tmp_path):
+    """Every column against the real engines: id, host, pid, state, queue, done, failed,
+    memory (shown from the first refresh: the engine's registration carries it)."""
+    pids = dict(zip(rc.ids, rc[:].apply_sync(os.getpid), strict=True))
     snap = dashboard.refresh()
     assert "ipyfarm-dashboard" in dashboard._dom_classes
     assert live_rows(dashboard) == rc.ids
+    before = {r.engine_id: (r.completed, r.failed) for r in snap.engines}
     for engine_id in rc.ids:
         row = dashboard.rows[engine_id]
         assert "ipyfarm-engine-row" in row._dom_classes
-        cells = texts(row)
-        assert cells[0] == str(engine_id)
-        assert cells[2] == str(rc.engines[engine_id].get("pid", cells[2]))
-        assert "idle" in cells[3]
+        assert cell(row, "id") == str(engine_id)
+        assert cell(row, "host") == socket.gethostname()
+        assert cell(row, "pid") == str(pids[engine_id])
+        assert "idle" in cell(row, "state") and cell(row, "queue") == "0"
+        shown = float(cell(row, "memory").removesuffix(" MB"))
+        real = psutil.Process(pids[engine_id]).memory_info().rss / MB
+        assert 0.5 * real < shown < 1.5 * real, (shown, real)
     assert snap.tasks.keys() == {"running", "queued", "waiting", "ok", "error", "aborted"}
+    # engine 0: 3 ok and 1 failed; engine 1: 1 ok and 2 failed
+    plan = {0: (3, 1), 1: (1, 2)}
+    ars = [rc[e].apply_async(noop) for e, (ok, _) in plan.items() for _ in range(ok)]
+    ars += [rc[e].apply_async(fail, "on purpose") for e, (_, bad) in plan.items()
+            for _ in range(bad)]
+    for ar in ars:
+        ar.wait(30)
+    snap = dashboard.refresh()
+    for engine_id, (ok, bad) in plan.items():
+        row = dashboard.rows[engine_id]
+        assert int(cell(row, "done")) - before[engine_id][0] == ok
+        assert int(cell(row, "failed")) - before[engine_id][1] == bad
+    # a queue: engine 0 runs one task held by a gate and holds two more
+    gate = tmp_path / "gate"
+    held = [rc[0].apply_async(wait_for_file, str(gate)) for _ in range(3)]
+    try:
+        assert wait_until(lambda: dashboard.refresh().engines[0].state == "busy", 30)
+        assert cell(dashboard.rows[0], "queue") == "3" and "busy" in cell(dashboard.rows[0],
+                                                                          "state")
+        assert cell(dashboard.rows[1], "queue") == "0"
+    finally:
+        gate.touch()
+    for ar in held:
+        assert ar.get(30) == str(gate)
+    snap = dashboard.refresh()
+    assert cell(dashboard.rows[0], "queue") == "0" and "idle" in cell(dashboard.rows[0],
+                                                                      "state")
+    assert int(cell(dashboard.rows[0], "done")) - before[0][0] == 3 + 3
+
+
+def test_progress_widget_follows_a_real_async_result(rc, tmp_path):
+    gates = [tmp_path / f"gate{i}" for i in range(4)]
+    ar = rc.load_balanced_view().map_async(wait_for_file, [str(g) for g in gates],
+                                           chunksize=1)
+    for g in gates[:2]:  # hwm 1 on 2 engines: these two are the running ones
+        g.touch()
+    assert wait_until(lambda: ar.progress == 2, 30)
+    box = progress_wait(ar, interval=0.02, timeout=0.3, widget=True)
+    bar, label = box.children
+    assert (bar.value, bar.max, bar.bar_style) == (2, 4, "warning")
+    assert label.value.startswith("2/4 tasks") and label.value.endswith("still running")
+    box.close()
+    for g in gates[2:]:
+        g.touch()
+    box = progress_wait(ar, interval=0.02, widget=True)
+    bar, label = box.children
+    assert (bar.value, bar.max, bar.bar_style) == (4, 4, "success")
+    assert label.value.startswith("4/4 tasks") and label.value.endswith("done")
+    assert ar.get(10) == [str(g) for g in gates]
+    box.close()
+    failing = rc.load_balanced_view().map_async(fail, ["a", "b"], chunksize=1)
+    box = progress_wait(failing, interval=0.02, widget=True)
+    bar, label = box.children
+    assert (bar.value, bar.bar_style) == (2, "danger") and label.value.endswith("failed")
+    box.close()
 
 
 def test_add_engines_then_stop_one(cluster, rc, dashboard):
@@ -447,6 +531,7 @@ def test_add_engines_then_stop_one(cluster, rc, dashboard):
     assert wait_until(lambda: new in live_rows(dashboard) if dashboard.refresh() else False,
                       10)
     assert texts(dashboard.rows[new])[0] == str(new)
+    assert cell(dashboard.rows[new], "memory").endswith(" MB")  # known from registration
     dashboard.rows[new].children[-1].click()
     assert "stopping engine" in dashboard.message.value, dashboard.message.value
     assert wait_until(lambda: dashboard.refresh() and new not in live_rows(dashboard), 30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal as _signal
+import sys
 import threading
 import time
 import weakref
@@ -61,6 +62,22 @@ def latest_client() -> Client | None:
         if rc is not None and not rc.closed and not rc.hub_shut_down:
             return rc
     return None
+
+
+def _register_magics() -> None:
+    """Register ipyfarm's magics (``%px``, ``%farm``, ...) in the IPython shell this runs
+    in, unless they are there already. Cheap and idempotent: no IPython import outside
+    IPython, and the magics module is imported only the first time."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:
+        return
+    line_magics = shell.magics_manager.magics["line"]
+    if "px" in line_magics and "farm" in line_magics:
+        return
+    from ..magics import load_ipython_extension  # the magics depend on the client
+
+    load_ipython_extension(shell)
 
 
 class Client:
@@ -128,6 +145,7 @@ class Client:
             self._engines = {int(k): v for k, v in reply["engines"].items()}
         _created[:] = [r for r in _created if r() is not None]
         _created.append(weakref.ref(self))
+        _register_magics()  # in IPython, %px works from now on, as in ipyparallel
 
     @property
     def closed(self) -> bool:
@@ -156,6 +174,14 @@ class Client:
         if isinstance(key, slice) and key == slice(None):
             return DirectView(self, "all")
         return DirectView(self, self._resolve_targets(key, keep_single=True))
+
+    def activate(self, targets: Any = "all", suffix: str = "") -> Any:
+        """Make ``%px<suffix>``, ``%%px<suffix>``, ``%autopx<suffix>``, ``%pxresult<suffix>``
+        and ``%pxconfig<suffix>`` run on a blocking DirectView of ``targets``; returns it."""
+        view = self.direct_view(targets)
+        view.block = True
+        view.activate(suffix)
+        return view
 
     def direct_view(self, targets: Any = "all", **kwargs: Any) -> Any:
         from .view import DirectView

@@ -121,6 +121,9 @@ class ControllerState:
             registered=ev.now,
             last_beat=ev.now,
         )
+        rss = ev.info.get("rss")  # the engine's memory at registration, until heartbeats
+        if isinstance(rss, int) and not isinstance(rss, bool):
+            eng.rss = rss
         self.engines[engine_id] = eng
         self._by_uuid[ev.uuid] = engine_id
         bisect.insort(self._live, eng, key=lambda e: e.engine_id)  # kept in id order

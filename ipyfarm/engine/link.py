@@ -4,7 +4,7 @@ One daemon thread owns one DEALER socket connected to the controller's ``registr
 ROUTER (docs/protocol.md, "Engine life")::
 
     engine                                   controller
-    registration_request {uuid, ...}   ──►
+    registration_request {uuid, rss, ...} ──►
                                        ◄──   registration_reply {status, engine_id,
                                                                 heartbeat_period}
     heartbeat_request {uuid, rss}  (every heartbeat_period; rss: resident bytes)
@@ -162,7 +162,8 @@ class ControllerLink:
             msgs.append(msg)
 
     def _do_register(self, sock: zmq.Socket) -> bool:
-        self.session.send(sock, "registration_request", self.registration)
+        # with its memory now, so a dashboard shows it before the first heartbeat
+        self.session.send(sock, "registration_request", dict(self.registration, rss=_rss()))
         deadline = time.monotonic() + self._timeout
         while not self._stopping:
             remaining = deadline - time.monotonic()
