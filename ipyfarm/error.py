@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 from typing import Any
 
 __all__ = [
@@ -134,10 +135,15 @@ class CompositeError(RemoteError):
         self.engine_info = getattr(first, "engine_info", {})
 
     def _groups(self) -> list[tuple[list, Any]]:
+        """``(engine ids, first error)`` per distinct error, in order of first appearance.
+
+        Errors are the same when their name, value and traceback match once what differs
+        between engines running the same code (cell numbers, colours) is taken out.
+        """
         groups: dict[tuple, tuple[list, Any]] = {}
         for e in self.elist:
             key = (getattr(e, "ename", ""), getattr(e, "evalue", ""),
-                   getattr(e, "traceback", ""))
+                   traceback_key(getattr(e, "traceback", "")))
             groups.setdefault(key, ([], e))[0].append(getattr(e, "engine_id", None))
         return list(groups.values())
 
@@ -170,6 +176,23 @@ class CompositeError(RemoteError):
 
     def raise_exception(self, excid: int = 0) -> None:
         raise self.elist[excid]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PER_ENGINE = [  # parts of a traceback that differ between engines running the same code
+    (re.compile(r"\bIn ?\[\s*\d+\s*\]"), "In[#]"),               # Cell In[7], Input In [7]
+    (re.compile(r"<ipython-input-\d+-[0-9a-f]+>"), "<ipython-input>"),  # older IPython
+    (re.compile(r"\bipykernel_\d+"), "ipykernel_#"),                   # /tmp/ipykernel_<pid>/
+]
+
+
+def traceback_key(text: str) -> str:
+    """``text`` (a remote traceback) without colour codes and per-engine details: cell
+    numbers (``Cell In[7]``) and kernel pids in file names. Equal keys: the same error."""
+    text = _ANSI.sub("", text)
+    for pattern, replacement in _PER_ENGINE:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 # Errors raised by the controller or the engine machinery rather than by user code

@@ -28,13 +28,14 @@ from IPython.core.magic import (Magics, line_cell_magic, line_magic, magics_clas
 from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import error
-from .client.display import display_outputs
+from .client.display import display_outputs, show_outputs
 from .client.targets import parse_targets
 
 __all__ = ["FarmMagics", "ParallelMagics", "activate", "load_ipython_extension"]
 
 GROUPS = ("type", "engine", "order")
 _POLL = 0.05  # s between looks at streamed output; a finished result ends a wait at once
+_INTERRUPT_WAIT = 5.0  # s to wait for the engines' replies after Ctrl-C sent them a signal
 
 # (flags, argparse keywords); the same table builds the parsers and reads %px lines
 _EXEC = [
@@ -53,7 +54,8 @@ _EXEC = [
     (("--no-verbose",), dict(dest="verbose", action="store_const", const=False,
                              help="say nothing extra")),
     (("--progress-after",), dict(dest="progress_after", type=float, metavar="SECONDS",
-                                 help="show progress after SECONDS (-1: never)")),
+                                 help="show a progress bar (ar.wait_interactive()) "
+                                      "after SECONDS (-1: never)")),
     (("--signal-on-interrupt",), dict(dest="signal", metavar="SIG",
                                       help="signal Ctrl-C sends to the engines: SIGINT "
                                            "(default), SIGTERM, 9, 0 (none), ...")),
@@ -61,7 +63,8 @@ _EXEC = [
 _OUTPUT = [
     (("--group-outputs",), dict(dest="groupby", choices=GROUPS,
                                 help="type: all stdout, then stderr, ...; engine: each "
-                                     "engine's outputs together; order: like engine")),
+                                     "engine's outputs together; order: like type, "
+                                     "displays interleaved across engines")),
     (("-e",), dict(dest="groupby", action="store_const", const="engine",
                    help="same as --group-outputs=engine")),
     (("-r",), dict(dest="groupby", action="store_const", const="order",
@@ -136,51 +139,6 @@ def _print_now(text: str, end: str = "\n", file: Any = None) -> None:
     print(text, end=end, file=file or sys.stdout, flush=True)
 
 
-def _publish(data: dict, metadata: dict) -> None:
-    from IPython.display import publish_display_data
-
-    publish_display_data(data=data, metadata=metadata)
-
-
-class _Progress:
-    """``%px: 1/4 engines done after 3 s`` on one line, once ``after`` seconds pass."""
-
-    def __init__(self, ar: Any, after: float | None):
-        never = after is None or after < 0
-        self._ar = ar
-        self._deadline = None if never else time.monotonic() + after
-        self.open = False
-        self.shown = False
-        self._last: tuple[int, int] | None = None
-
-    def interval(self, streaming: bool) -> float:
-        left = 1.0 if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
-        return min(left, _POLL) if streaming else min(max(left, 0.02), 1.0)
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if self._deadline is None or now < self._deadline:
-            return
-        state = (self._ar.progress, int(self._ar.elapsed))
-        if state == self._last and self.open:
-            return  # reprint when a count or the whole seconds change
-        self._last = state
-        _print_now(f"\r%px: {state[0]}/{len(self._ar)} engines done after {state[1]} s", end="")
-        self.open = self.shown = True
-
-    def end_line(self) -> None:
-        """Clear the progress line (other output goes there; progress comes back below)."""
-        if self.open:
-            _print_now("\r" + " " * 50 + "\r", end="")
-            self.open = False
-
-    def finish(self) -> None:
-        if self.shown:
-            _print_now(f"\r%px: {self._ar.progress}/{len(self._ar)} engines done after "
-                       f"{self._ar.elapsed:.1f} s")
-            self.open = False
-
-
 class _Streamer:
     """Prints engines' whole output lines and displays as the client's I/O thread
     adds them to each message's metadata; what is left goes to display_outputs."""
@@ -190,7 +148,7 @@ class _Streamer:
         self._sent = [{"stdout": 0, "stderr": 0} for _ in metadatas]
         self._shown = [0] * len(metadatas)
 
-    def poll(self, before_print: Any) -> None:
+    def poll(self, before_print: Any = lambda: None) -> None:
         for i, md in enumerate(self._mds):
             for name in ("stdout", "stderr"):
                 text = md.get(name) or ""
@@ -198,14 +156,15 @@ class _Streamer:
                 end = text.rfind("\n", start) + 1
                 if end > start:
                     before_print()
-                    file = sys.stdout if name == "stdout" else sys.stderr
-                    _print_now(f"[{name}:{md.get('engine_id')}] " + text[start:end].rstrip("\n"),
-                               file=file)
+                    label = f"[{name}:{md.get('engine_id')}] "
+                    lines = text[start:end].rstrip("\n").split("\n")
+                    _print_now("\n".join(label + line for line in lines),
+                               file=sys.stdout if name == "stdout" else sys.stderr)
                     self._sent[i][name] = end
-            outputs = md.get("outputs") or []
-            for out in outputs[self._shown[i]:]:
+            outputs = list(md.get("outputs") or [])
+            if outputs[self._shown[i]:]:
                 before_print()
-                _publish(out.get("data", {}), out.get("metadata", {}))
+                show_outputs(md, outputs[self._shown[i]:])
             self._shown[i] = max(self._shown[i], len(outputs))
 
     def remaining(self) -> list[dict]:
@@ -319,33 +278,18 @@ class ParallelMagics(Magics):
     def _wait_and_show(self, ar: Any, client: Any, args: Any) -> None:
         metadatas = [client.metadata[m] for m in ar.msg_ids]
         streamer = _Streamer(metadatas) if self._pick(args, "stream") else None
-        progress = _Progress(ar, self._pick(args, "progress_after"))
         try:
-            while not ar.wait(progress.interval(streamer is not None)):
-                if streamer is not None:
-                    streamer.poll(progress.end_line)
-                progress.tick()
+            _wait(ar, streamer, self._pick(args, "progress_after"))
         except KeyboardInterrupt:
-            progress.end_line()
-            self._interrupt(ar, client, self._pick(args, "signal"))
-            raise
-        progress.finish()
+            if not _interrupt(ar, client, self._pick(args, "signal")):
+                if streamer is not None:
+                    streamer.poll()
+                raise
         if streamer is not None:
-            streamer.poll(progress.end_line)
+            streamer.poll()
         left = streamer.remaining() if streamer is not None else metadatas
         display_outputs(left, self._pick(args, "groupby"))
         ar.get(0)  # raises the engines' error(s): IPython renders them as tracebacks
-
-    def _interrupt(self, ar: Any, client: Any, sig: Any) -> None:
-        signum = signal_number(sig)
-        running = sorted({client.metadata[m]["engine_id"] for m in ar.msg_ids
-                          if m not in client.results})
-        if signum and running:
-            client.send_signal(signum, targets=running)
-            _print_now(f"%px: interrupted; sent {_signal.Signals(signum).name} to "
-                       f"engine(s) {running}", file=sys.stderr)
-        if ar.wait(2.0):
-            display_outputs([client.metadata[m] for m in ar.msg_ids], "type")
 
     # ------------------------------------------------------------------ %pxresult
     @line_magic
@@ -411,6 +355,56 @@ class ParallelMagics(Magics):
         if _incomplete(cell):
             return lines  # a terminal is still reading a block: let it ask for more
         return [f"get_ipython().run_cell_magic({'px' + self.suffix!r}, '', {cell!r})\n"]
+
+
+def _wait(ar: Any, streamer: _Streamer | None, progress_after: float | None) -> None:
+    """Wait for ``ar``, printing streamed lines; after ``progress_after`` s (None or < 0:
+    never) go on in ``ar.wait_interactive()``'s progress bar (a widget in a notebook)."""
+    from .widgets.progress import wait_interactive
+
+    interval = _POLL if streamer is not None else 1.0
+    never = progress_after is None or progress_after < 0
+    deadline = None if never else time.monotonic() + progress_after
+    while not ar.wait(interval if deadline is None else
+                      max(min(interval, deadline - time.monotonic()), 0.0)):
+        if streamer is not None:
+            streamer.poll()
+        if deadline is not None and time.monotonic() >= deadline:
+            def poll(display: Any) -> None:
+                if streamer is not None:
+                    streamer.poll(display.clear)
+
+            wait_interactive(ar, interval=min(interval, 0.1), poll=poll)
+            return
+
+
+def _interrupt(ar: Any, client: Any, sig: Any) -> bool:
+    """Ctrl-C during a blocking %px: send ``sig`` to the engines still running ``ar`` and
+    wait (``_INTERRUPT_WAIT`` s at most) for their replies; True once all are in."""
+    signum = signal_number(sig)
+    running = sorted({client.metadata[m]["engine_id"] for m in ar.msg_ids
+                      if m not in client.results})
+    if not running:
+        return ar.wait(_INTERRUPT_WAIT)
+    if not signum:
+        _print_now(f"%px: interrupted here; engine(s) {running} go on running (the "
+                   "signal-on-interrupt is 0); %pxresult shows their outputs when they "
+                   "finish", file=sys.stderr)
+        return False
+    try:
+        name = _signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    _print_now(f"%px: interrupted; sent {name} to engine(s) {running}", file=sys.stderr)
+    client.send_signal(signum, targets=running)
+    if ar.wait(_INTERRUPT_WAIT):
+        return True
+    late = sorted({client.metadata[m]["engine_id"] for m in ar.msg_ids
+                   if m not in client.results})
+    _print_now(f"%px: engine(s) {late} still run {_INTERRUPT_WAIT:.0f} s after {name}: "
+               "they may ignore it (try --signal-on-interrupt SIGTERM); %pxresult shows "
+               "their outputs when they finish", file=sys.stderr)
+    return False
 
 
 def _incomplete(cell: str) -> bool:

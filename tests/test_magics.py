@@ -26,6 +26,7 @@ from IPython.testing import tools  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
 
 from ipyfarm.magics import ParallelMagics  # noqa: E402
+from ipyfarm.widgets.progress import wait_interactive as progress_wait  # noqa: E402
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -109,6 +110,73 @@ def test_group_outputs(ip, px):
         ip.run_cell_magic("px", "--group-outputs=nope", "1")
 
 
+def run_in_order(ip, cell):
+    """Run a cell; what it printed and displayed, in the order shown, as one text (a
+    display is ``<display HTML>``), and the cell's result."""
+    shown = []
+
+    class Stdout(io.StringIO):
+        def write(self, text):
+            shown.append(text)
+            return len(text)
+
+    def publish(data, metadata=None, **kwargs):
+        shown.append(f"<display {data.get('text/html', data.get('text/plain'))}>\n")
+
+    ip.display_pub.publish = publish
+    try:
+        with redirect_stdout(Stdout()):
+            result = ip.run_cell(cell)
+    finally:
+        del ip.display_pub.publish
+    return _ANSI.sub("", "".join(shown)), result
+
+
+SHOWN = re.compile(r"\[(?:stdout|output):\d\]|<display <b>\w+ \d</b>>|Out\[\d:")
+TWO_DISPLAYS = ("from IPython.display import HTML, display\nprint('printed', me)\n"
+                "display(HTML(f'<b>first {me}</b>'))\ndisplay(HTML(f'<b>second {me}</b>'))\nme")
+
+
+@pytest.fixture
+def numbered(rc):
+    """Each engine has ``me``, its engine id."""
+    for engine_id in rc.ids:
+        rc[engine_id].push({"me": engine_id}, block=True)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("--group-outputs=type", ["[stdout:0]", "[stdout:1]",
+                              "[output:0]", "<display <b>first 0</b>>", "<display <b>second 0</b>>",
+                              "[output:1]", "<display <b>first 1</b>>", "<display <b>second 1</b>>",
+                              "Out[0:", "Out[1:"]),
+    ("--group-outputs=order", ["[stdout:0]", "[stdout:1]",
+                               "[output:0]", "<display <b>first 0</b>>",
+                               "[output:1]", "<display <b>first 1</b>>",
+                               "[output:0]", "<display <b>second 0</b>>",
+                               "[output:1]", "<display <b>second 1</b>>",
+                               "Out[0:", "Out[1:"]),
+    ("--group-outputs=engine", ["[stdout:0]", "[output:0]", "<display <b>first 0</b>>",
+                                "<display <b>second 0</b>>", "Out[0:",
+                                "[stdout:1]", "[output:1]", "<display <b>first 1</b>>",
+                                "<display <b>second 1</b>>", "Out[1:"]),
+])
+def test_group_outputs_orders_prints_and_displays(ip, px, numbered, options, expected):
+    text, result = run_in_order(ip, f"%%px --no-stream {options}\n{TWO_DISPLAYS}")
+    assert result.success, text
+    assert SHOWN.findall(text) == expected, text
+    short = {"--group-outputs=order": "-r", "--group-outputs=engine": "-e"}.get(options)
+    if short:  # -r and -e are the short forms
+        text, _ = run_in_order(ip, f"%%px --no-stream {short}\n{TWO_DISPLAYS}")
+        assert SHOWN.findall(text) == expected, text
+
+
+def test_streamed_displays_are_labelled_with_their_engine(ip, px, numbered):
+    text, result = run_in_order(ip, f"%%px --stream --targets 1\n{TWO_DISPLAYS}")
+    assert result.success, text
+    assert SHOWN.findall(text) == ["[stdout:1]", "[output:1]", "<display <b>first 1</b>>",
+                                   "<display <b>second 1</b>>", "Out[1:"], text
+
+
 def test_noblock_then_pxresult(ip, px):
     out, _, _, result = run(ip, "%%px --noblock\nprint('later')\n5 + 5")
     assert isinstance(result.result, ipp.AsyncResult)
@@ -144,6 +212,37 @@ def test_identical_errors_collapse_into_one_traceback(ip, px):
     assert "1/0" in out  # the remote traceback shows the failing line
 
 
+def test_identical_errors_collapse_after_engines_ran_different_cells(ip, px):
+    """Engine 0 has run one cell more, so its traceback says ``Cell In[n+1]``: still the
+    same error, shown once for both engines."""
+    run(ip, "%px -o probe pass")
+    count = [r.execution_count for r in ip.user_ns["probe"].get()]
+    for _ in range(max(count[1] - count[0] + 1, 1)):  # engine 0 ahead, whatever ran before
+        run(ip, "%px --targets 0 x = 1")
+    out, _, _, result = run(ip, "%px 1/0")
+    assert isinstance(result.error_in_exec, ipp.CompositeError)
+    counts = {re.search(r"In\[(\d+)\]", e.traceback.replace("\x1b", "")).group(1)
+              for e in result.error_in_exec.elist}
+    assert len(counts) == 2, "the engines should be at different cell numbers"
+    assert out.count("[engines [0, 1]]") == 1 and "[engine 0]" not in out
+    assert out.count("ZeroDivisionError: division by zero") == 1
+    assert out.count("Traceback (most recent call last)") == 1
+
+
+def test_distinct_errors_stay_apart_and_colours_do_not_count():
+    def err(engine_id, tb, evalue="division by zero"):
+        return ipp.RemoteError("ZeroDivisionError", evalue, tb, {"engine_id": engine_id})
+
+    same = "Cell In[3], line 1\n----> 1 1/0\n"
+    coloured = "\x1b[36mCell\x1b[39m \x1b[32mIn[9]\x1b[39m, line 1\n----> 1 1/0\n"
+    other = "Cell In[3], line 2\n----> 2 2/0\n"
+    e = ipp.CompositeError("boom", [err(0, same), err(1, coloured), err(2, other),
+                                    err(3, same, "other value")])
+    assert [engines for engines, _ in e._groups()] == [[0, 1], [2], [3]]
+    text = "\n".join(e.render_traceback())
+    assert "[engines [0, 1]]" in text and "[engine 2]" in text and "[engine 3]" in text
+
+
 def test_error_on_one_engine_names_it(ip, px):
     out, _, _, result = run(ip, "%px --targets 1 raise ValueError('only here')")
     assert isinstance(result.error_in_exec, ipp.RemoteError)
@@ -152,9 +251,10 @@ def test_error_on_one_engine_names_it(ip, px):
 
 def test_rich_display_from_engines(ip, px):
     code = "from IPython.display import HTML, display; display(HTML('<b>bold</b>'))"
-    _, _, outputs, result = run(ip, f"%px --targets 0 {code}")
+    out, _, outputs, result = run(ip, f"%px --targets 0 {code}")
     assert result.success
     assert [o.data.get("text/html") for o in outputs] == ["<b>bold</b>"]
+    assert "[output:0]" in out
 
 
 def test_pxconfig_sets_defaults(ip, px):
@@ -236,28 +336,140 @@ def test_stream_prints_lines_as_they_arrive(ip, px, tmp_path):
     assert text.index("[stdout:0] first") < text.index("[stdout:0] second True")
 
 
-def test_progress_after(ip, px, tmp_path):
+def _gated(gate, before="", after=""):
+    """Engine code: print ``before``, wait (20 s at most) for the file ``gate``, print
+    ``after``."""
+    return (f"import os, time\nprint({before!r}, flush=True)\ndeadline = time.monotonic() + 20\n"
+            f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
+            f"    time.sleep(0.01)\nprint({after!r}, os.path.exists({str(gate)!r}))")
+
+
+def test_progress_after_shows_wait_interactive_and_keeps_streaming(ip, px, tmp_path):
     gate = tmp_path / "gate"
 
     class Watcher(io.StringIO):
         def write(self, text):
-            if "engines done after" in text:
-                gate.touch()
+            if "tasks finished after" in text:
+                gate.touch()  # the engines go on once the progress line shows
             return super().write(text)
 
-    code = (f"import os, time\ndeadline = time.monotonic() + 20\n"
-            f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
-            f"    time.sleep(0.01)")
     shown = Watcher()
     with redirect_stdout(shown):
-        ip.run_cell_magic("px", "--progress-after 0 --no-stream", code)
-    assert "%px: 0/2 engines done after" in shown.getvalue()
-    assert "%px: 2/2 engines done after" in shown.getvalue()
+        ip.run_cell_magic("px", "--progress-after 0 --stream",
+                          _gated(gate, "waiting", "through"))
+    text = shown.getvalue()
+    assert text.index("\r0/2 tasks finished after") < text.index("[stdout:0] through True")
+    assert text.endswith("\n") and "\r2/2 tasks finished after" in text
+    for engine_id in (0, 1):
+        assert text.count(f"[stdout:{engine_id}] waiting") == 1
+        assert text.count(f"[stdout:{engine_id}] through True") == 1
+    # a streamed line never lands on the progress line: it is blanked first
+    assert not re.search(r"finished after [\d.]+s\[std", text), repr(text)
+    out, _, _, _ = run(ip, "%px --progress-after 30 1")
+    assert "tasks finished" not in out  # done before the 30 s: no progress at all
 
 
-def test_ctrl_c_interrupts_the_engines(ip, px, rc):
-    code = "print('started', flush=True)\nimport time\ntime.sleep(60)"
+def test_wait_interactive_return_when(rc, tmp_path, capsys):
+    from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION
 
+    gate = str(tmp_path / "gate")
+
+    def task(i):
+        import os
+        import time
+
+        if i == 1:
+            raise ValueError("task 1 fails")
+        deadline = time.monotonic() + 30
+        while i and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return i
+
+    view = rc.load_balanced_view()
+    ar = view.map_async(task, [0, 2], chunksize=1)
+    ar.wait_interactive(interval=0.01, widget=False, return_when=FIRST_COMPLETED)
+    assert ar.progress == 1 and not ar.done()
+    out = capsys.readouterr().out
+    assert re.search(r"\r1/2 tasks finished after [\d.]+s \(still running\)\n$", out), out
+    open(gate, "w").close()
+    assert ar.get(30) == [0, 2]
+    os.remove(gate)
+    capsys.readouterr()
+
+    ar = view.map_async(task, [1, 2], chunksize=1)
+    box = progress_wait(ar, interval=0.01, widget=True, return_when=FIRST_EXCEPTION)
+    assert not ar.done() and ar.progress == 1
+    bar, label = box.children
+    assert "ipyfarm-progress" in bar._dom_classes
+    assert (bar.value, bar.max, bar.bar_style) == (1, 2, "danger")
+    assert label.value.endswith("· 1 failed, still running")
+    box.close()
+    open(gate, "w").close()
+    assert ar.wait(30)
+    with pytest.raises(ValueError, match="return_when must be one of"):
+        ar.wait_interactive(return_when="SOMETIMES")
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _kernel_run(kc, code, timeout=60):
+    """Execute ``code`` in a notebook kernel; the iopub messages it caused, until idle."""
+    msg_id = kc.execute(code)
+    msgs = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except Exception:  # queue.Empty: nothing yet
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            reply = kc.get_shell_msg(timeout=timeout)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return msgs
+    raise AssertionError(f"the kernel did not finish {code!r} within {timeout} s")
+
+
+def test_progress_after_is_a_widget_in_a_notebook(cluster):
+    """In a real notebook kernel (a client of this module's cluster) ``--progress-after``
+    shows ``wait_interactive``'s widget bar, which ends full and green."""
+    from jupyter_client.manager import start_new_kernel
+
+    c, _ = cluster
+    km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
+    try:
+        _kernel_run(kc, f"import ipyfarm as ipp\nrc = ipp.Client(profile={c.profile!r})\n"
+                        "rc[:].activate()")
+        msgs = _kernel_run(kc, "%%px --progress-after 0\nimport time\ntime.sleep(0.5)\n"
+                               "print('slept')")
+        _kernel_run(kc, "rc.close()")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    opened = {m["content"]["comm_id"]: m["content"]["data"]["state"]
+              for m in msgs if m["msg_type"] == "comm_open"}
+    bars = [i for i, state in opened.items() if state.get("_model_name") == "IntProgressModel"]
+    assert len(bars) == 1, [m["msg_type"] for m in msgs]
+    shown = [m["content"]["data"][WIDGET_VIEW]["model_id"] for m in msgs
+             if m["msg_type"] == "display_data" and WIDGET_VIEW in m["content"]["data"]]
+    assert len(shown) == 1  # the box holding the bar and its label
+    bar = dict(opened[bars[0]])  # its state as the frontend ends up with it
+    for m in msgs:
+        if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bars[0]:
+            bar.update(m["content"]["data"].get("state", {}))
+    assert "ipyfarm-progress" in bar["_dom_classes"]
+    assert (bar["value"], bar["max"], bar["bar_style"]) == (2, 2, "success")
+    text = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
+    assert "[stdout:0] slept" in text and "[stdout:1] slept" in text
+    assert "tasks finished" not in text  # no text line where the widget shows
+
+
+def _ctrl_c_once_running(px, rc):
+    """A thread that presses Ctrl-C (in this, the main thread) once every engine running
+    the next %px has printed 'started'."""
     def interrupt_when_running():
         def running():
             ar = px.last_result
@@ -268,18 +480,46 @@ def test_ctrl_c_interrupts_the_engines(ip, px, rc):
 
     px.last_result = None
     helper = threading.Thread(target=interrupt_when_running)
-    start = time.monotonic()
     helper.start()
-    with capture_output() as cap, pytest.raises(KeyboardInterrupt):
-        ip.run_cell_magic("px", "--signal-on-interrupt SIGINT", code)
+    return helper
+
+
+SLEEPER = "print('started', flush=True)\nimport time\ntime.sleep(60)"
+
+
+def test_ctrl_c_interrupts_the_engines(ip, px, rc):
+    """Ctrl-C sends SIGINT to the engines, shows their KeyboardInterrupt once for both,
+    prints nothing twice, and raises no local KeyboardInterrupt on top."""
+    start = time.monotonic()
+    helper = _ctrl_c_once_running(px, rc)
+    out, err, _, result = run(ip, f"%%px --signal-on-interrupt SIGINT\n{SLEEPER}")
     helper.join(30)
-    ar = px.last_result
-    assert ar.wait(10)
     assert time.monotonic() - start < 30
+    ar = px.last_result
+    assert ar.done()
     assert [md["error"]["ename"] for md in ar.metadata] == ["KeyboardInterrupt"] * 2
-    assert "sent SIGINT to engine(s) [0, 1]" in cap.stderr
+    assert isinstance(result.error_in_exec, ipp.CompositeError), result.error_in_exec
+    assert "sent SIGINT to engine(s) [0, 1]" in err
+    assert out.count("[stdout:0] started") == 1 and out.count("[stdout:1] started") == 1
+    assert out.count("[engines [0, 1]]") == 1
+    assert out.count("KeyboardInterrupt") >= 1 and "[engine 0]" not in out
     with pytest.raises(UsageError, match="unknown signal"):
         ip.run_cell_magic("px", "--signal-on-interrupt SIGNOPE", "1")
+
+
+def test_ctrl_c_with_no_signal_leaves_the_engines_running(ip, px, rc):
+    helper = _ctrl_c_once_running(px, rc)
+    try:
+        with capture_output() as cap, pytest.raises(KeyboardInterrupt):
+            ip.run_cell_magic("px", "--signal-on-interrupt 0 --targets 0", SLEEPER)
+        helper.join(30)
+        ar = px.last_result
+        assert "engine(s) [0] go on running" in cap.stderr
+        assert _ANSI.sub("", cap.stdout).count("[stdout:0] started") == 1
+        assert not ar.done()
+    finally:
+        rc.send_signal("SIGINT", targets=[0])
+        assert px.last_result.wait(20)
 
 
 def test_activate_with_suffix(ip, px, rc):

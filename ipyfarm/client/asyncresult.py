@@ -233,11 +233,25 @@ class AsyncResult(Future):
 
         display_outputs(self._metadatas(), groupby)
 
-    def wait_interactive(self, interval: float = 0.1, timeout: float | None = -1) -> None:
-        """Wait, showing progress: a widget bar in a notebook, a text line in a terminal."""
+    def wait_interactive(self, interval: float = 0.1, timeout: float | None = -1,
+                         widget: bool | None = None,
+                         return_when: str = "ALL_COMPLETED") -> None:
+        """Wait, showing progress: a widget bar in a notebook, a text line in a terminal.
+
+        ``widget``: None picks by where this runs, True/False force the bar/the text.
+        ``return_when``: ``concurrent.futures.ALL_COMPLETED`` (every task),
+        ``FIRST_COMPLETED`` (one task) or ``FIRST_EXCEPTION`` (one task failed, or all
+        finished). ``timeout`` None or -1 waits as long as that takes.
+        """
         from ..widgets.progress import wait_interactive
 
-        wait_interactive(self, interval, _timeout(timeout))
+        wait_interactive(self, interval, _timeout(timeout), widget, return_when)
+
+    def _failed_count(self) -> int:
+        """How many of the messages have finished with an error so far."""
+        results = self._client.results
+        return sum(1 for m in self.msg_ids
+                   if m not in self._remaining and isinstance(results.get(m), BaseException))
 
 
 def _metadata_property(key: str) -> property:

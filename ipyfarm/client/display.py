@@ -62,49 +62,65 @@ def _in_ipython() -> bool:
 def display_outputs(metadatas: list[dict], groupby: str = "type") -> None:
     """Show stdout, stderr, display data and results of each message.
 
-    ``groupby``: ``type`` (all stdout, then all stderr, ...), ``engine`` (each
-    engine's outputs together) or ``order`` (message order, per output).
+    ``groupby``: ``type``: all stdout, then all stderr, then each engine's displays, then
+    the results; ``engine``: each engine's outputs together; ``order``: like ``type``,
+    with the displays interleaved (every engine's first display, then every engine's
+    second, ...). A display is preceded by ``[output:<engine>]``, which engine made it.
     """
     if groupby not in ("type", "engine", "order"):
         raise ValueError(f"groupby must be 'type', 'engine' or 'order', not {groupby!r}")
-    show = _display if _in_ipython() else _print_data
-
-    def stream(md: dict, name: str) -> None:
-        text = md.get(name) or ""
-        if text:
-            target = sys.stdout if name == "stdout" else sys.stderr
-            print(f"[{name}:{md.get('engine_id')}] " + text.rstrip("\n"), file=target)
-
-    def outputs(md: dict) -> None:
-        for out in md.get("outputs") or []:
-            show(out.get("data", {}), out.get("metadata", {}))
-
-    def result(md: dict) -> None:
-        er = md.get("execute_result")
-        if er:
-            data = er.get("data", {})
-            label = f"Out[{md.get('engine_id')}:{er.get('execution_count')}]: "
-            if "text/plain" in data and len(data) == 1:
-                print(label + data["text/plain"])
-            else:
-                print(label)
-                show(data, er.get("metadata", {}))
-
+    if groupby == "engine":
+        for md in metadatas:
+            show_stream(md, "stdout")
+            show_stream(md, "stderr")
+            show_outputs(md, md.get("outputs") or [])
+            show_result(md)
+        return
+    for name in ("stdout", "stderr"):
+        for md in metadatas:
+            show_stream(md, name)
     if groupby == "type":
         for md in metadatas:
-            stream(md, "stdout")
-        for md in metadatas:
-            stream(md, "stderr")
-        for md in metadatas:
-            outputs(md)
-        for md in metadatas:
-            result(md)
+            show_outputs(md, md.get("outputs") or [])
     else:
-        for md in metadatas:
-            stream(md, "stdout")
-            stream(md, "stderr")
-            outputs(md)
-            result(md)
+        lists = [md.get("outputs") or [] for md in metadatas]
+        for i in range(max(map(len, lists), default=0)):
+            for md, outs in zip(metadatas, lists, strict=True):
+                show_outputs(md, outs[i:i + 1])
+    for md in metadatas:
+        show_result(md)
+
+
+def show_stream(md: dict, name: str) -> None:
+    """``[stdout:<engine>] text`` (or stderr) if the message printed anything."""
+    text = md.get(name) or ""
+    if text:
+        target = sys.stdout if name == "stdout" else sys.stderr
+        print(f"[{name}:{md.get('engine_id')}] " + text.rstrip("\n"), file=target, flush=True)
+
+
+def show_outputs(md: dict, outputs: list[dict]) -> None:
+    """``[output:<engine>]``, then each of ``outputs`` (display data) shown as if made here."""
+    if not outputs:
+        return
+    print(f"[output:{md.get('engine_id')}]", flush=True)
+    show = _display if _in_ipython() else _print_data
+    for out in outputs:
+        show(out.get("data", {}), out.get("metadata", {}))
+
+
+def show_result(md: dict) -> None:
+    """``Out[<engine>:<count>]: value`` if the message has a result."""
+    er = md.get("execute_result")
+    if er:
+        data = er.get("data", {})
+        label = f"Out[{md.get('engine_id')}:{er.get('execution_count')}]: "
+        if "text/plain" in data and len(data) == 1:
+            print(label + data["text/plain"], flush=True)
+        else:
+            print(label, flush=True)
+            show = _display if _in_ipython() else _print_data
+            show(data, er.get("metadata", {}))
 
 
 def _display(data: dict, metadata: dict) -> None:
