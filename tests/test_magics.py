@@ -410,11 +410,15 @@ def test_wait_interactive_return_when(rc, tmp_path, capsys):
         ar.wait_interactive(return_when="SOMETIMES")
 
 
+SLEEPER = "print('started', flush=True)\nimport time\ntime.sleep(60)"
+
+
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
-def _kernel_run(kc, code, timeout=60):
-    """Execute ``code`` in a notebook kernel; the iopub messages it caused, until idle."""
+def _kernel_run(kc, code, timeout=60, status="ok", until=None):
+    """Execute ``code`` in a notebook kernel; the iopub messages it caused, until idle.
+    ``until(msgs)``, if given, is called with the messages so far as each one comes."""
     msg_id = kc.execute(code)
     msgs = []
     deadline = time.monotonic() + timeout
@@ -426,16 +430,23 @@ def _kernel_run(kc, code, timeout=60):
         if msg["parent_header"].get("msg_id") != msg_id:
             continue
         msgs.append(msg)
+        if until is not None:
+            until(msgs)
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             reply = kc.get_shell_msg(timeout=timeout)
-            assert reply["content"]["status"] == "ok", reply["content"]
+            assert reply["content"]["status"] == status, reply["content"]
             return msgs
     raise AssertionError(f"the kernel did not finish {code!r} within {timeout} s")
 
 
-def test_progress_after_is_a_widget_in_a_notebook(cluster):
-    """In a real notebook kernel (a client of this module's cluster) ``--progress-after``
-    shows ``wait_interactive``'s widget bar, which ends full and green."""
+def _streamed(msgs, name="stdout"):
+    return "".join(m["content"]["text"] for m in msgs
+                   if m["msg_type"] == "stream" and m["content"]["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def notebook(cluster):
+    """A real notebook kernel (jupyter_client) whose %px runs on this module's cluster."""
     from jupyter_client.manager import start_new_kernel
 
     c, _ = cluster
@@ -443,12 +454,19 @@ def test_progress_after_is_a_widget_in_a_notebook(cluster):
     try:
         _kernel_run(kc, f"import ipyfarm as ipp\nrc = ipp.Client(profile={c.profile!r})\n"
                         "rc[:].activate()")
-        msgs = _kernel_run(kc, "%%px --progress-after 0\nimport time\ntime.sleep(0.5)\n"
-                               "print('slept')")
+        yield km, kc
         _kernel_run(kc, "rc.close()")
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+def test_progress_after_is_a_widget_in_a_notebook(notebook):
+    """In a notebook kernel ``--progress-after`` shows ``wait_interactive``'s widget bar,
+    which ends full and green."""
+    _, kc = notebook
+    msgs = _kernel_run(kc, "%%px --progress-after 0\nimport time\ntime.sleep(0.5)\n"
+                           "print('slept')")
     opened = {m["content"]["comm_id"]: m["content"]["data"]["state"]
               for m in msgs if m["msg_type"] == "comm_open"}
     bars = [i for i, state in opened.items() if state.get("_model_name") == "IntProgressModel"]
@@ -462,9 +480,34 @@ def test_progress_after_is_a_widget_in_a_notebook(cluster):
             bar.update(m["content"]["data"].get("state", {}))
     assert "ipyfarm-progress" in bar["_dom_classes"]
     assert (bar["value"], bar["max"], bar["bar_style"]) == (2, 2, "success")
-    text = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
+    text = _streamed(msgs)
     assert "[stdout:0] slept" in text and "[stdout:1] slept" in text
     assert "tasks finished" not in text  # no text line where the widget shows
+
+
+def test_notebook_stop_button_interrupts_the_engines(notebook):
+    """The notebook's stop button (an interrupt of the kernel) during a blocking %%px:
+    the engines get SIGINT, their KeyboardInterrupt shows once for both, no line twice."""
+    km, kc = notebook
+    pressed = []
+
+    def press_stop_once_started(msgs):
+        text = _streamed(msgs)
+        if not pressed and "[stdout:0] started" in text and "[stdout:1] started" in text:
+            pressed.append(time.monotonic())
+            km.interrupt_kernel()
+
+    start = time.monotonic()
+    msgs = _kernel_run(kc, f"%%px --progress-after -1\n{SLEEPER}", timeout=40,
+                       status="error", until=press_stop_once_started)
+    assert pressed and time.monotonic() - start < 30
+    errors = [m["content"] for m in msgs if m["msg_type"] == "error"]
+    assert [e["ename"] for e in errors] == ["CompositeError"], errors
+    shown = _ANSI.sub("", "\n".join(errors[0]["traceback"]))
+    assert shown.count("[engines [0, 1]]") == 1 and "KeyboardInterrupt" in shown
+    assert "sent SIGINT to engine(s) [0, 1]" in _streamed(msgs, "stderr")
+    text = _streamed(msgs)
+    assert text.count("[stdout:0] started") == 1 and text.count("[stdout:1] started") == 1
 
 
 def _ctrl_c_once_running(px, rc):
@@ -482,9 +525,6 @@ def _ctrl_c_once_running(px, rc):
     helper = threading.Thread(target=interrupt_when_running)
     helper.start()
     return helper
-
-
-SLEEPER = "print('started', flush=True)\nimport time\ntime.sleep(60)"
 
 
 def test_ctrl_c_interrupts_the_engines(ip, px, rc):
