@@ -319,3 +319,12 @@ def test_client_without_cluster_says_how_to_start_one(tmp_path, monkeypatch):
         ipp.Client(profile="nothing-here")
     with pytest.raises(error.NoClusterError, match="no file"):
         ipp.Client(url_file=tmp_path / "missing.json")
+
+
+def test_execute_with_top_level_await(rc):
+    """A cell with top-level await runs on every engine and answers (ipykernel asks for
+    the shell's thread there, which engines serving the shell on the main loop provide)."""
+    ar = rc[:].execute("import asyncio\nawait asyncio.sleep(0.05)\nawaited = 'yes'",
+                       block=False)
+    ar.get(timeout=20)
+    assert rc[:].pull("awaited", block=True) == ["yes"] * len(rc.ids)

@@ -426,6 +426,28 @@ def test_stock_jupyter_client_shares_the_namespace(engine):
     assert engine.apply_value(ops.pull, "seen") == 124
 
 
+def test_apply_behind_an_async_cell_waits_for_it(engine):
+    """Applies idle engines answer at once (not through ipykernel's task queue); one that
+    arrives while an async cell awaits must still run after that cell, in order."""
+    cell = engine.send(engine.shell, "execute_request", {
+        "code": "import asyncio\nawait asyncio.sleep(0.5)\norder_marker = 'cell done'",
+        "silent": False, "stop_on_error": False})
+    time.sleep(0.1)  # the cell is awaiting now
+    msg_id = engine.send(engine.shell, "apply_request", {},
+                         pack_apply(interactive(lambda: order_marker), (), {}))  # noqa: F821
+    first = _recv(engine.shell, engine.session)
+    assert first["parent_header"]["msg_id"] == cell, (first["content"], first["metadata"])
+    reply = engine.reply(engine.shell, msg_id)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert loads(reply["buffers"]) == "cell done"
+    # and with nothing queued, applies come back at once, each with its own reply
+    ids = [engine.send(engine.shell, "apply_request", {}, pack_apply(pow, (2, i), {}))
+           for i in range(20)]
+    got = [engine.reply(engine.shell, m) for m in ids]
+    assert [loads(r["buffers"]) for r in got] == [2**i for i in range(20)]
+    assert all(r["parent_header"]["msg_id"] == m for r, m in zip(got, ids, strict=True))
+
+
 def test_forged_and_garbage_messages_are_dropped(engine):
     forged = engine.session.msg("apply_request", {})
     frames = engine.session.serialize(forged)
@@ -525,3 +547,4 @@ def test_exits_when_controller_stops_answering(engine, controller):
     assert time.monotonic() - t0 < 15
     assert "has not answered heartbeats" in engine.stderr()
     assert not path.exists()
+

@@ -182,3 +182,52 @@ def test_session_rejects_a_replay_after_many_messages():
         s.deserialize(s.serialize(s.msg("x", {}))[1:])
     with pytest.raises(SignatureError, match="replayed"):
         s.deserialize(first)
+
+
+def test_send_reply_makes_the_message_send_makes(session):
+    """The engine's one-pass reply: same parts as Session.send, parent = request header."""
+    import zmq
+
+    from ipyfarm.protocol.session import DELIM, Parsed
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://send-reply")
+        b.connect("inproc://send-reply")
+        request = session.msg("apply_request", {}, metadata={"engine_id": 0})
+        req_frames = session.serialize_with_buffers(request, None, [b"x" * 100])
+        receiver = FarmSession(key=b"secret")
+        got_request = receiver.deserialize(req_frames[1:])
+        big = np.arange(100_000, dtype="f8")
+        session.send_reply(a, [b"client-r"], req_frames[2], "apply_reply", {"status": "ok"},
+                           {"engine_id": 3, "started": "2026-01-01T00:00:00Z"},
+                           [b"small", memoryview(big)])
+        frames = b.recv_multipart()
+        idents, rest = split_identities(frames)
+        assert idents == [b"client-r"]
+        reply = receiver.deserialize(rest)
+        assert reply["msg_type"] == "apply_reply"
+        assert reply["parent_header"]["msg_id"] == got_request["msg_id"]
+        assert reply["content"] == {"status": "ok"}
+        assert reply["metadata"]["engine_id"] == 3
+        assert reply["header"]["date"].tzinfo is not None
+        assert set(reply["header"]) >= {"msg_id", "msg_type", "username", "session", "date",
+                                        "version"}
+        assert bytes(reply["buffers"][0]) == b"small"
+        assert np.array_equal(np.frombuffer(reply["buffers"][1], "f8"), big)
+        # a reply handed over already decoded (controller -> client of its process)
+        # still has its buffers checked against the signed digests
+        header = FarmSession(key=b"secret").verify(rest, record=False, check_buffers=False)
+        parsed = Parsed(header, reply["parent_header"], reply["metadata"], reply["content"],
+                        [b"small", memoryview(big)])
+        assert bytes(receiver.from_parsed(parsed)["buffers"][0]) == b"small"
+        with pytest.raises(SignatureError, match="buffer 0 does not match"):
+            receiver.from_parsed(parsed._replace(buffers=[b"SMALL", memoryview(big)]))
+        with pytest.raises(SignatureError, match="1 buffers but 2"):
+            receiver.from_parsed(parsed._replace(buffers=[b"small"]))
+        assert DELIM in frames
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

@@ -25,7 +25,14 @@ from jupyter_client.jsonutil import extract_dates
 
 from .. import error
 from ..protocol.serialize import loads
-from ..protocol.session import DELIM, FarmSession, frames_bytes, parse_date, split_identities
+from ..protocol.session import (
+    DELIM,
+    FarmSession,
+    Parsed,
+    frames_bytes,
+    parse_date,
+    split_identities,
+)
 from ..protocol.sizes import check_outgoing
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata
 from .comms import CommBridge
@@ -350,10 +357,13 @@ class Client:
         return reply["content"]
 
     # ------------------------------------------------------------------ receiving (I/O thread)
-    def _on_message(self, frames: list) -> None:
+    def _on_message(self, frames: list | Parsed) -> None:
         try:
-            _, rest = split_identities(frames)
-            msg = self.session.deserialize(rest, content=True, copy=False)
+            if isinstance(frames, Parsed):  # from the controller of this process
+                msg = self.session.from_parsed(frames)
+            else:
+                _, rest = split_identities(frames)
+                msg = self.session.deserialize(rest, content=True, copy=False)
         except Exception as e:
             import logging
 

@@ -26,6 +26,7 @@ from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
     DELIM,
     FarmSession,
+    Parsed,
     SignatureError,
     frames_bytes,
     split_identities,
@@ -132,7 +133,8 @@ class Hub:
         self.launcher_info: Callable[[], dict] | None = None
         self._posted: collections.deque = collections.deque()
         # clients in this process: their messages come and go as frame lists, no sockets
-        self._local: dict[bytes, Callable[[list], None]] = {}  # receiving ident -> deliver
+        self._local: dict[bytes, Callable[[Any], None]] = {}  # receiving ident -> deliver
+        self._parsed_reply: tuple[list, Parsed] | None = None  # see _do_DeliverResult
         self._client_inbox: collections.deque = collections.deque()
         # widgets made on engines: comm_id -> (client ident, engine id) of the task that
         # opened the comm; the engine's comm messages go to that client, and the
@@ -456,13 +458,18 @@ class Hub:
             return
         status = content.get("status", "error")
         rest = compact(rest)
+        # for a client of this process: what it would otherwise verify and decode again
+        self._parsed_reply = (rest, Parsed(header, parent, md, content, rest[5:]))
         ev = E.ReplyArrived(
             time.monotonic(), engine_id, msg_id, status, rest, frames_nbytes(rest),
             epoch(md.get("started")), epoch(md.get("completed")), idents[0] if idents else None,
             content.get("ename"), content.get("evalue"), md.get("engine_uuid"),
             md.get("properties"),
         )
-        self._execute(self.state.handle(ev))
+        try:
+            self._execute(self.state.handle(ev))
+        finally:
+            self._parsed_reply = None
 
     def _on_engine_control(self, engine_id: int, frames: list) -> None:
         decoded = self._decode(frames, f"engine {engine_id} control")
@@ -718,6 +725,12 @@ class Hub:
         self.poller.recheck(shell)
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
+        parsed = self._parsed_reply
+        if parsed is not None and parsed[0] is cmd.frames:
+            deliver = self._local.get(cmd.client_ident)
+            if deliver is not None:
+                deliver(parsed[1])
+                return
         self._to_client([cmd.client_ident, DELIM, *cmd.frames])
 
     def _do_FailTask(self, cmd: C.FailTask) -> None:

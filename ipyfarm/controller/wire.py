@@ -67,7 +67,7 @@ def send_frames(sock: zmq.Socket, frames: list) -> None:
         if isinstance(frame, bytes):
             sock.send(frame, flags)
         else:
-            sock.send(frame, flags, copy=len(frame) >= _BIG)
+            sock.send(frame, flags, copy=len(frame) < _BIG)
 
 
 def task_fields(md: Any) -> dict:

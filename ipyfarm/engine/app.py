@@ -54,6 +54,21 @@ class EngineStartError(RuntimeError):
     """The engine cannot start; the message says why and what to do."""
 
 
+class MainThreadShell:
+    """Stands in for ipykernel's shell channel thread when the main loop serves the shell.
+
+    False in a boolean test, which ipykernel reads as "no shell channel thread", and it
+    names the main thread as the shell's ``parent_thread``, which ipykernel asks when it
+    runs a cell with top-level ``await`` (with None there, such a cell failed without
+    a reply). :attr:`FarmKernel._supports_kernel_subshells` is False with it.
+    """
+
+    parent_thread = threading.main_thread()
+
+    def __bool__(self) -> bool:
+        return False
+
+
 def _error_to_terminal(text: str) -> None:
     """Write to the engine's real stderr, even after the kernel has captured fd 2."""
     fd = getattr(sys.stderr, "_original_stdstream_copy", None)
@@ -291,7 +306,7 @@ class FarmEngineApp(IPKernelApp):
         # a time and need no subshells, so the shell socket is served by the main loop.
         thread = getattr(self, "shell_channel_thread", None)
         if thread is not None and not self.subshells:
-            self.shell_channel_thread = None
+            self.shell_channel_thread = MainThreadShell()
 
     def init_signal(self) -> None:
         super().init_signal()

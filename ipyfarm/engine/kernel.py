@@ -17,6 +17,10 @@ SIGINT interrupts the running task).
 
 from __future__ import annotations
 
+import _signal
+import asyncio
+import contextvars
+import json
 import os
 import signal
 import sys
@@ -27,18 +31,20 @@ from typing import Any
 
 import zmq
 from ipykernel.ipkernel import IPythonKernel
-from jupyter_client.session import utcnow
+from zmq.eventloop.zmqstream import ZMQStream
 from traitlets import default
 
 from ipyfarm.engine import ops
 from ipyfarm.engine.capture import Captured, EngineSession, OutputCapture
 from ipyfarm.protocol.messages import SchemaError, validate
+from ipyfarm.protocol.session import frames_bytes, iso_now
 from ipyfarm.protocol.serialize import SerializationError, dumps, unpack_apply
 
 __all__ = ["FarmKernel"]
 
 #: how many aborted msg_ids are remembered (ids never seen again would pile up otherwise)
 _ABORTED_LIMIT = 100_000
+_DELIM = b"<IDS|MSG>"
 _ERROR_KEYS = ("status", "ename", "evalue", "traceback", "engine_info")
 
 
@@ -75,12 +81,87 @@ class FarmKernel(IPythonKernel):
         self.aborted: dict[str, None] = {}  # insertion-ordered set, bounded
         self.properties: dict[str, Any] = {}
         self._sent_properties: dict[str, Any] = {}  # as the controller last heard them
+        self._queued_shell = 0  # shell messages on ipykernel's (asynchronous) path
+        self._raw_header: tuple[str, bytes] | None = None  # (msg_id, its header's bytes)
+        _cache_signature_checks()
         ops._bind(self)
 
     async def poll_stopped_queue(self) -> None:
         # ipykernel starts this whenever a debugpy stream exists, debugger or not
         if getattr(self, "debugger", None) is not None:
             await super().poll_stopped_queue()
+
+    # ---- shell: the synchronous path for apply requests ---------------------------------
+    # ipykernel runs every shell message as asyncio tasks (two tasks, a lock, then the
+    # reply queued on the stream for a later loop turn): about half of an engine's time
+    # per no-op task. An apply_request that arrives while no other shell message is
+    # queued or running is handled at once, inside the socket's callback, and its reply
+    # goes straight to the socket. Anything else (execute, comms, an apply behind an
+    # async cell) takes ipykernel's path, so the order of requests is kept.
+
+    @property
+    def _supports_kernel_subshells(self) -> bool:
+        # engines serve the shell on the main loop unless subshells were asked for
+        # (see engine.app.MainThreadShell, which is False here)
+        return bool(self.shell_channel_thread)
+
+    def start(self) -> None:
+        super().start()
+        if self.shell_stream is None or self.shell_channel_thread:
+            return  # subshells route shell messages through their own thread
+        context = contextvars.copy_context()
+
+        async def queued(msg: list) -> None:
+            try:
+                await asyncio.create_task(self.shell_main(None, msg), context=context)
+            finally:
+                self._queued_shell -= 1
+
+        def on_shell(msg: list) -> Any:
+            if self._queued_shell or not _is_apply_frames(msg):
+                self._queued_shell += 1
+                return queued(msg)  # ZMQStream schedules the coroutine
+            self._apply_now(msg)
+            return None
+
+        self.shell_stream.on_recv(on_shell, copy=False)
+
+    def _apply_now(self, msg: list) -> None:
+        """What ``dispatch_shell`` does for an apply_request, without the event loop."""
+        idents, frames = self.session.feed_identities(msg, copy=False)
+        try:
+            parent = self.session.deserialize(frames, content=True, copy=False)
+        except Exception:
+            self.log.error("Invalid Message", exc_info=True)
+            return
+        stream = self.shell_stream
+        self._raw_header = (parent["msg_id"], frames_bytes(frames[1]))
+        self.set_parent(idents, parent, channel="shell")
+        if not self.should_handle(stream, parent, idents):
+            return
+        try:
+            self.pre_handler_hook()
+        except Exception:
+            self.log.debug("Unable to signal in pre_handler_hook:", exc_info=True)
+        try:
+            self.apply_request(stream, idents, parent)
+        except Exception:
+            self.log.error("Exception in message handler:", exc_info=True)
+        except KeyboardInterrupt:
+            self.log.error("KeyboardInterrupt caught in kernel.")
+        finally:
+            try:
+                self.post_handler_hook()
+            except Exception:
+                self.log.debug("Unable to signal in post_handler_hook:", exc_info=True)
+
+    # signal.signal wraps its handlers in enums both ways; per task that was 15% of an
+    # engine's time. The C function takes and returns the same plain values.
+    def pre_handler_hook(self) -> None:
+        self.saved_sigint_handler = _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+
+    def post_handler_hook(self) -> None:
+        _signal.signal(_signal.SIGINT, self.saved_sigint_handler)
 
     # ---- identity ---------------------------------------------------------------------
 
@@ -114,7 +195,7 @@ class FarmKernel(IPythonKernel):
         return {
             "engine_id": self.int_id,
             "engine_uuid": self.ident,
-            "started": utcnow(),
+            "started": iso_now(),
             "msg_type": parent["header"]["msg_type"],
             "dependencies_met": True,
         }
@@ -129,7 +210,7 @@ class FarmKernel(IPythonKernel):
             # the scheduler places tasks on properties: tell it when they change
             self._sent_properties = dict(self.properties)
             metadata["properties"] = self._sent_properties
-        metadata["completed"] = utcnow()
+        metadata["completed"] = iso_now()
         if status == "error":
             metadata["error"] = {k: reply_content[k] for k in _ERROR_KEYS if k in reply_content}
             if reply_content.get("ename") == "UnmetDependency":
@@ -170,9 +251,19 @@ class FarmKernel(IPythonKernel):
         if threading.current_thread() is threading.main_thread():
             # the task is over: a late Ctrl-C must not cut the reply (post_handler_hook
             # restores the idle handler)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _signal.signal(signal.SIGINT, _signal.SIG_IGN)
         self._flush_output()
         metadata = self.finish_metadata(parent, metadata, reply_content)
+        raw, self._raw_header = self._raw_header, None
+        if (raw is not None and raw[0] == parent["msg_id"] and isinstance(stream, ZMQStream)
+                and not stream.sending()):
+            # the synchronous path with nothing queued before it: straight to the socket.
+            # Safe only there: this runs inside the ZMQStream's receive callback, which
+            # re-reads the socket's events afterwards, so a request whose edge this send
+            # consumed is still picked up (from an asyncio task it would be missed)
+            self.session.send_reply(stream.socket, ident, raw[1], "apply_reply",
+                                    reply_content, metadata, buffers)
+            return
         self.session.send(
             stream, "apply_reply", reply_content, parent, ident=ident, buffers=buffers,
             metadata=metadata,
@@ -306,6 +397,49 @@ class FarmKernel(IPythonKernel):
             signal.pthread_kill(threading.main_thread().ident, signum)
         else:
             os.kill(os.getpid(), signum)
+
+
+def _cache_signature_checks() -> None:
+    """Answer ipykernel's per-execute "does run_cell accept cell_id?" from a cache.
+
+    ipykernel 7 asks ``inspect.signature`` of the shell's ``run_cell_async`` on every
+    execute_request (about a tenth of an engine's time for a short cell), and the
+    answer depends only on the function. Engines only: this is their process.
+    """
+    from ipykernel import ipkernel
+
+    original = getattr(ipkernel, "_accepts_parameters", None)
+    if original is None or getattr(original, "ipyfarm_cached", False):
+        return
+    cache: dict[tuple, dict] = {}
+
+    def accepts_parameters(meth: Any, param_names: list) -> dict:
+        key = (getattr(meth, "__func__", meth), tuple(param_names))
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = original(meth, param_names)
+        return dict(found)
+
+    accepts_parameters.ipyfarm_cached = True  # type: ignore[attr-defined]
+    ipkernel._accepts_parameters = accepts_parameters
+
+
+def _is_apply_frames(msg: list) -> bool:
+    """Whether a raw shell message's (unverified) header says apply_request.
+
+    Only routing: the message is verified when it is deserialized, on either path.
+    """
+    for i, frame in enumerate(msg):
+        if frame.bytes == _DELIM if len(frame) == len(_DELIM) else False:
+            if len(msg) < i + 6:
+                return False
+            try:
+                header = json.loads(msg[i + 2].bytes)
+            except ValueError:
+                return False
+            return (isinstance(header, dict) and header.get("msg_type") == "apply_request"
+                    and not header.get("subshell_id"))
+    return False
 
 
 def _unpack_failure(exc: BaseException) -> BaseException:
