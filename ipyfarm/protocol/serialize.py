@@ -97,7 +97,7 @@ def dumps(obj: Any) -> list:
         return False
 
     wrapped = _wrap_top(obj)
-    if not _BY_VALUE_REGISTRY():
+    if not _BY_VALUE_REGISTRY() and not _starts_in_main(obj):
         try:
             data = pickle.dumps(wrapped, protocol=5, buffer_callback=keep)
         except Exception:
@@ -108,6 +108,15 @@ def dumps(obj: Any) -> list:
     f = io.BytesIO()
     _Pickler(f, protocol=5, buffer_callback=keep).dump(wrapped)
     return [f.getvalue(), *buffers]
+
+
+def _starts_in_main(obj: Any) -> bool:
+    """Whether ``obj`` (or the function of an apply tuple) was defined in ``__main__``:
+    then the C pickler's attempt can only end in a reference to ``__main__``, which is
+    thrown away, so cloudpickle goes first."""
+    if type(obj) is tuple and obj:
+        obj = obj[0]
+    return getattr(obj, "__module__", None) == "__main__"
 
 
 def _BY_VALUE_REGISTRY() -> Any:
