@@ -45,6 +45,34 @@ def kill_pids(pids):
             pass
 
 
+def kernel_run(kc, code, timeout=60, status="ok", until=None, comm_opens=False):
+    """Execute ``code`` in a Jupyter kernel (a jupyter_client client ``kc``); return the
+    iopub messages it caused, up to its idle status, and check its reply's status.
+
+    ``until(msgs)``, if given, is called with the messages so far as each one comes;
+    ``comm_opens`` also keeps ``comm_open`` messages of other parents (a widget an engine
+    opened reaches the notebook with the engine's task as its parent)."""
+    msg_id = kc.execute(code)
+    msgs = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except Exception:  # queue.Empty: nothing yet
+            continue
+        mine = msg["parent_header"].get("msg_id") == msg_id
+        if not mine and not (comm_opens and msg["msg_type"] == "comm_open"):
+            continue
+        msgs.append(msg)
+        if until is not None:
+            until(msgs)
+        if mine and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            reply = kc.get_shell_msg(timeout=timeout)
+            assert reply["content"]["status"] == status, reply["content"]
+            return msgs
+    raise AssertionError(f"the kernel did not finish {code!r} within {timeout} s")
+
+
 def _children():
     return {p.pid for p in psutil.Process().children(recursive=True)}
 

@@ -6,33 +6,18 @@ Jupyter client) must see the widget's comm opened with the engine's comm id and 
 it displayed; a value set from the frontend must reach the engine's slider.
 """
 
-import time
 
 import pytest
 from jupyter_client.manager import start_new_kernel
+
+from .conftest import kernel_run
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def _run(kc, code, timeout=60):
-    """Execute ``code``; return the iopub messages it produced (until idle)."""
-    msg_id = kc.execute(code)
-    out = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            msg = kc.get_iopub_msg(timeout=1)
-        except Exception:
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id and msg["msg_type"] != "comm_open":
-            continue
-        out.append(msg)
-        if (msg["msg_type"] == "status" and msg["parent_header"].get("msg_id") == msg_id
-                and msg["content"]["execution_state"] == "idle"):
-            reply = kc.get_shell_msg(timeout=timeout)
-            assert reply["content"]["status"] == "ok", reply["content"]
-            return out
-    raise AssertionError(f"no idle after {code!r} within {timeout} s")
+    """``code``'s iopub messages, with the comm_opens engines send (any parent)."""
+    return kernel_run(kc, code, timeout, comm_opens=True)
 
 
 def _text(msgs):

@@ -16,7 +16,7 @@ import pytest
 
 import ipyfarm as ipp
 
-from .conftest import kill_pids, wait_until
+from .conftest import kernel_run, kill_pids, wait_until
 
 pytest.importorskip("IPython")
 
@@ -416,29 +416,6 @@ SLEEPER = "print('started', flush=True)\nimport time\ntime.sleep(60)"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
-def _kernel_run(kc, code, timeout=60, status="ok", until=None):
-    """Execute ``code`` in a notebook kernel; the iopub messages it caused, until idle.
-    ``until(msgs)``, if given, is called with the messages so far as each one comes."""
-    msg_id = kc.execute(code)
-    msgs = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            msg = kc.get_iopub_msg(timeout=1)
-        except Exception:  # queue.Empty: nothing yet
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msgs.append(msg)
-        if until is not None:
-            until(msgs)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            reply = kc.get_shell_msg(timeout=timeout)
-            assert reply["content"]["status"] == status, reply["content"]
-            return msgs
-    raise AssertionError(f"the kernel did not finish {code!r} within {timeout} s")
-
-
 def _streamed(msgs, name="stdout"):
     return "".join(m["content"]["text"] for m in msgs
                    if m["msg_type"] == "stream" and m["content"]["name"] == name)
@@ -452,10 +429,10 @@ def notebook(cluster):
     c, _ = cluster
     km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
     try:
-        _kernel_run(kc, f"import ipyfarm as ipp\nrc = ipp.Client(profile={c.profile!r})\n"
+        kernel_run(kc, f"import ipyfarm as ipp\nrc = ipp.Client(profile={c.profile!r})\n"
                         "rc[:].activate()")
         yield km, kc
-        _kernel_run(kc, "rc.close()")
+        kernel_run(kc, "rc.close()")
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
@@ -465,7 +442,7 @@ def test_progress_after_is_a_widget_in_a_notebook(notebook):
     """In a notebook kernel ``--progress-after`` shows ``wait_interactive``'s widget bar,
     which ends full and green."""
     _, kc = notebook
-    msgs = _kernel_run(kc, "%%px --progress-after 0\nimport time\ntime.sleep(0.5)\n"
+    msgs = kernel_run(kc, "%%px --progress-after 0\nimport time\ntime.sleep(0.5)\n"
                            "print('slept')")
     opened = {m["content"]["comm_id"]: m["content"]["data"]["state"]
               for m in msgs if m["msg_type"] == "comm_open"}
@@ -498,7 +475,7 @@ def test_notebook_stop_button_interrupts_the_engines(notebook):
             km.interrupt_kernel()
 
     start = time.monotonic()
-    msgs = _kernel_run(kc, f"%%px --progress-after -1\n{SLEEPER}", timeout=40,
+    msgs = kernel_run(kc, f"%%px --progress-after -1\n{SLEEPER}", timeout=40,
                        status="error", until=press_stop_once_started)
     assert pressed and time.monotonic() - start < 30
     errors = [m["content"] for m in msgs if m["msg_type"] == "error"]

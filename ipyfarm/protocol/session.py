@@ -85,6 +85,17 @@ CHUNK = 4 * 2**20
 _pool: ThreadPoolExecutor | None = None
 
 
+def _byte_views(buffers: list) -> list[memoryview]:
+    """Flat byte views of message buffers (no copies); ValueError names a non-contiguous one."""
+    views = []
+    for i, buf in enumerate(buffers):
+        view = _view(buf)
+        if not view.contiguous:
+            raise ValueError(f"buffer {i} ({type(buf).__name__}) is not contiguous")
+        views.append(view if view.ndim == 1 and view.format == "B" else view.cast("B"))
+    return views
+
+
 def _chunk_digest(view: memoryview) -> bytes:
     return hashlib.sha256(view).digest()
 
@@ -280,12 +291,7 @@ class FarmSession(Session):
         """
         if self.check_pid and os.getpid() != self.pid:
             return
-        views = []
-        for i, buf in enumerate(buffers):
-            view = _view(buf)
-            if not view.contiguous:
-                raise ValueError(f"buffer {i} ({type(buf).__name__}) is not contiguous")
-            views.append(view if view.ndim == 1 and view.format == "B" else view.cast("B"))
+        views = _byte_views(buffers)
         header = {"msg_id": self.msg_id, "msg_type": msg_type, "username": self.username,
                   "session": self.session, "date": iso_now(), "version": protocol_version}
         if views:
@@ -308,12 +314,7 @@ class FarmSession(Session):
             content = self.pack(content)
         elif isinstance(content, str):
             content = content.encode("utf8")
-        views = []
-        for i, buf in enumerate(buffers):
-            view = _view(buf)
-            if not view.contiguous:
-                raise ValueError(f"buffer {i} ({type(buf).__name__}) is not contiguous")
-            views.append(view if view.ndim == 1 and view.format == "B" else view.cast("B"))
+        views = _byte_views(buffers)
         header = msg["header"]
         if views:
             # one string, not a list: ipykernel hashes parent headers (frozenset of items)
