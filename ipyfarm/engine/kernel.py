@@ -429,8 +429,8 @@ def _is_apply_frames(msg: list) -> bool:
 
     Only routing: the message is verified when it is deserialized, on either path.
     """
-    for i, frame in enumerate(msg):
-        if frame.bytes == _DELIM if len(frame) == len(_DELIM) else False:
+    for i, frame in enumerate(msg[:16]):  # identities come first, and are few
+        if len(frame) == len(_DELIM) and frame.bytes == _DELIM:
             if len(msg) < i + 6:
                 return False
             try:
