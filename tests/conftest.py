@@ -1,7 +1,10 @@
 """Shared fixtures: an isolated runtime dir, one cluster per module, no leftover processes."""
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -43,6 +46,75 @@ def kill_pids(pids):
             psutil.Process(pid).kill()
         except psutil.Error:
             pass
+
+
+class CliCluster:
+    """Standalone clusters started and stopped with the CLI (``ipyfarm start --daemonize``)
+    in a private runtime dir, and clients run as separate Python processes.
+
+    Every process a start made (the controller and its descendants, e.g. engines or
+    ``mpiexec`` and its ranks) is remembered, so :meth:`close` can kill what is left by
+    PID; :meth:`stop` checks that ``ipyfarm stop`` left none.
+    """
+
+    def __init__(self, tmp_path, profile):
+        self.env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
+        self.profile = profile
+        self.info_file = tmp_path / f"ipyfarm-cluster-{profile}.json"
+        self.controller_pid = None
+        self.pids = []
+
+    def cli(self, *args, timeout=60):
+        return subprocess.run([sys.executable, "-m", "ipyfarm", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *args, timeout=90):
+        out = self.cli("start", "--daemonize", "--profile", self.profile, *args,
+                       timeout=timeout)
+        if self.info_file.exists():  # even a failed start may have left a controller
+            self.controller_pid = json.loads(self.info_file.read_text())["pid"]
+            self.track()
+        assert out.returncode == 0, out.stderr
+        return out
+
+    def track(self, more=()):
+        """Remember the controller's descendants as they are now (and ``more`` pids)."""
+        found = [self.controller_pid] if self.controller_pid else []
+        with contextlib.suppress(psutil.Error, TypeError):
+            found += [p.pid for p in psutil.Process(self.controller_pid).children(True)]
+        for pid in [*found, *more]:
+            if pid not in self.pids:
+                self.pids.append(pid)
+
+    def client(self, code, timeout=60):
+        """stdout of ``code`` run in a new Python after ``rc = ipp.Client(profile=...)``."""
+        got = subprocess.run(
+            [sys.executable, "-c",
+             f"import ipyfarm as ipp\nrc = ipp.Client(profile={self.profile!r})\n{code}"],
+            env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert got.returncode == 0, got.stderr
+        return got.stdout
+
+    def stop(self, gone_within=15, timeout=30):
+        """``ipyfarm stop``; everything the cluster ran must be gone within ``gone_within``."""
+        self.track()
+        out = self.cli("stop", "--profile", self.profile, timeout=timeout)
+        assert out.returncode == 0, out.stderr
+        assert wait_until(lambda: gone(self.pids), gone_within), \
+            [p for p in self.pids if alive(p)]
+
+    def close(self):
+        kill_pids(self.pids)
+
+
+@contextlib.contextmanager
+def cli_cluster(tmp_path, profile):
+    """A :class:`CliCluster`; whatever it started is killed by PID on the way out."""
+    cluster = CliCluster(tmp_path, profile)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def kernel_run(kc, code, timeout=60, status="ok", until=None, comm_opens=False):

@@ -1,10 +1,7 @@
 """Task databases: query matching (pure), the memory DB's payload budget, SQLite persistence."""
 
-import json
 import os
 import stat
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -14,7 +11,7 @@ from ipyfarm.controller.db import MemoryTaskDB, TaskRecord
 from ipyfarm.controller.query import RECORD_KEYS, compile_query, matches, record_dict
 from ipyfarm.controller.sqlitedb import SQLiteTaskDB, TaskDBError, pack_frames, unpack_frames
 
-from .conftest import kill_pids, wait_until
+from .conftest import cli_cluster
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -281,47 +278,15 @@ def test_sqlite_100k_tasks(tmp_path):
 
 
 # ---------------------------------------------------------------------- the CLI
-def _alive(pid):
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def test_cli_start_with_sqlite_db_keeps_task_records(tmp_path):
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
     profile = f"db-{os.getpid()}"
-    cli = [sys.executable, "-m", "ipyfarm"]
-    out = subprocess.run(cli + ["start", "-n", "1", "--daemonize", "--db", "sqlite",
-                                "--profile", profile], env=env, capture_output=True, text=True,
-                         timeout=90)
-    info_file = tmp_path / f"ipyfarm-cluster-{profile}.json"
-    pids = []
-    try:
-        assert out.returncode == 0, out.stderr
-        ctl_pid = json.loads(info_file.read_text())["pid"]
-        pids.append(ctl_pid)
-        import psutil
-
-        pids += [p.pid for p in psutil.Process(ctl_pid).children(recursive=True)]
-        code = ("import ipyfarm as ipp\n"
-                f"rc = ipp.Client(profile={profile!r})\n"
-                "ar = rc[0].apply_async(lambda x: x * 2, 21)\n"
-                "print(ar.get(30), ar.msg_ids[0])\n"
-                "rc.close()\n")
-        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=60)
-        assert got.returncode == 0, got.stderr
-        value, msg_id = got.stdout.split()
+    with cli_cluster(tmp_path, profile) as cluster:
+        cluster.start("-n", "1", "--db", "sqlite")
+        value, msg_id = cluster.client("ar = rc[0].apply_async(lambda x: x * 2, 21)\n"
+                                       "print(ar.get(30), ar.msg_ids[0])\n"
+                                       "rc.close()\n").split()
         assert value == "42"
-        stop = subprocess.run(cli + ["stop", "--profile", profile], env=env,
-                              capture_output=True, text=True, timeout=30)
-        assert stop.returncode == 0, stop.stderr
-        assert wait_until(lambda: not any(_alive(p) for p in pids), 10)
-    finally:
-        kill_pids(pids)
+        cluster.stop(gone_within=10)
     path = tmp_path / f"ipyfarm-{profile}.sqlite"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     with SQLiteTaskDB(path) as db:
@@ -373,43 +338,13 @@ def test_open_db_and_make_state(tmp_path):
 
 
 def test_restarted_standalone_controller_serves_its_sqlite_results(tmp_path):
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
     profile = f"dbr-{os.getpid()}"
-    cli = [sys.executable, "-m", "ipyfarm"]
-    start = cli + ["start", "-n", "1", "--daemonize", "--db", "sqlite", "--profile", profile]
-    info_file = tmp_path / f"ipyfarm-cluster-{profile}.json"
-    import psutil
-
-    pids = []
-
-    def started():
-        out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=90)
-        assert out.returncode == 0, out.stderr
-        ctl = json.loads(info_file.read_text())["pid"]
-        pids.extend([ctl] + [p.pid for p in psutil.Process(ctl).children(recursive=True)])
-
-    def stopped():
-        stop = subprocess.run(cli + ["stop", "--profile", profile], env=env,
-                              capture_output=True, text=True, timeout=30)
-        assert stop.returncode == 0, stop.stderr
-        assert wait_until(lambda: not any(_alive(p) for p in pids), 15)
-
-    def client(code):
-        got = subprocess.run([sys.executable, "-c", "import ipyfarm as ipp\n"
-                              f"rc = ipp.Client(profile={profile!r})\n" + code],
-                             env=env, capture_output=True, text=True, timeout=60)
-        assert got.returncode == 0, got.stderr
-        return got.stdout.split()
-
-    try:
-        started()
-        (msg_id,) = client("ar = rc.load_balanced_view().apply_async(pow, 6, 7)\n"
-                           "ar.get(30)\nprint(ar.msg_ids[0])\nrc.close()\n")
-        stopped()
-        started()  # a new controller, a new key, the same records
-        assert client(f"print(rc.get_result({msg_id!r}).get(30))\nrc.close()\n") == ["279936"]
-        stopped()
-    finally:
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, 9)
+    with cli_cluster(tmp_path, profile) as cluster:
+        cluster.start("-n", "1", "--db", "sqlite")
+        (msg_id,) = cluster.client("ar = rc.load_balanced_view().apply_async(pow, 6, 7)\n"
+                                   "ar.get(30)\nprint(ar.msg_ids[0])\nrc.close()\n").split()
+        cluster.stop()
+        cluster.start("-n", "1", "--db", "sqlite")  # a new controller and key, same records
+        got = cluster.client(f"print(rc.get_result({msg_id!r}).get(30))\nrc.close()\n")
+        assert got.split() == ["279936"]
+        cluster.stop()

@@ -13,7 +13,7 @@ import pytest
 import ipyfarm as ipp
 from ipyfarm import error
 
-from .conftest import kill_pids, running_cluster, wait_until
+from .conftest import cli_cluster, running_cluster, wait_until
 
 
 def small_cluster(n=1, **kwargs):
@@ -130,42 +130,16 @@ def test_restart_policy_counts_restarts_in_a_sliding_window_then_gives_up():
 def test_standalone_controller_restarts_engines(tmp_path):
     """``ipyfarm start --restart-engines``: a standalone controller replaces an engine that
     dies unexpectedly (here: a task that exits its engine with code 3)."""
-    import json
-    import subprocess
-    import sys
-
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
-    profile = f"restart-{os.getpid()}"
-    cli = [sys.executable, "-m", "ipyfarm"]
-    out = subprocess.run(cli + ["start", "-n", "1", "--daemonize", "--restart-engines",
-                                "--profile", profile], env=env, capture_output=True,
-                         text=True, timeout=90)
-    pids = []
-    try:
-        assert out.returncode == 0, out.stderr
-        ctl = json.loads((tmp_path / f"ipyfarm-cluster-{profile}.json").read_text())["pid"]
-        pids.append(ctl)
-        code = ("import os, time, ipyfarm as ipp\n"
-                f"rc = ipp.Client(profile={profile!r})\n"
+    with cli_cluster(tmp_path, f"restart-{os.getpid()}") as cluster:
+        cluster.start("-n", "1", "--restart-engines")
+        code = ("import os, time\n"
                 "first = rc[0].apply_sync(os.getpid)\n"
                 "rc[0].apply_async(os._exit, 3)\n"
                 "t = time.monotonic()\n"
                 "while 1 not in rc.ids and time.monotonic() - t < 30: time.sleep(0.05)\n"
                 "print(first, rc[1].apply_sync(os.getpid))\n"
                 "rc.close()\n")
-        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=90)
-        assert got.returncode == 0, got.stderr
-        first, second = map(int, got.stdout.split())
+        first, second = map(int, cluster.client(code, timeout=90).split())
         assert first != second and psutil.pid_exists(second)
-        pids += [p.pid for p in psutil.Process(ctl).children(recursive=True)]
-        stop = subprocess.run(cli + ["stop", "--profile", profile], env=env,
-                              capture_output=True, text=True, timeout=30)
-        assert stop.returncode == 0, stop.stderr
-        assert wait_until(lambda: not any(psutil.pid_exists(p) and
-                                          psutil.Process(p).status() != "zombie"
-                                          for p in pids), 15)
-    finally:
-        if not pids:
-            pids = [p.pid for p in psutil.Process().children(recursive=True)]
-        kill_pids(pids)
+        cluster.track([second])
+        cluster.stop()

@@ -27,7 +27,7 @@ from ipyfarm.cluster.mpi import (
 )
 from ipyfarm.engine.mpi import rank_from_env, size_from_env
 
-from .conftest import gone, kill_pids, running_cluster, wait_until
+from .conftest import cli_cluster, gone, kill_pids, running_cluster, wait_until
 
 HAVE_MPI = shutil.which("mpiexec") is not None
 try:
@@ -347,20 +347,10 @@ def test_a_rank_killed_for_its_time_limit_ends_its_world_and_the_controller_hear
 
 @needs_mpi
 def test_ipyfarm_start_engines_mpi_daemonized(tmp_path):
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
     profile = f"mpi-cli-{os.getpid()}"
-    cli = [sys.executable, "-m", "ipyfarm"]
-    out = subprocess.run(cli + ["start", "--engines", "mpi", "-n", "4", "--daemonize",
-                                "--profile", profile], env=env, capture_output=True,
-                         text=True, timeout=120)
-    pids = []
-    try:
-        assert out.returncode == 0, out.stderr
-        ctl = json.loads((tmp_path / f"ipyfarm-cluster-{profile}.json").read_text())["pid"]
-        pids.append(ctl)
-        code = ("import ipyfarm as ipp\n"
-                f"rc = ipp.Client(profile={profile!r})\n"
-                "rc.wait_for_engines(4, timeout=60)\n"
+    with cli_cluster(tmp_path, profile) as cluster:
+        cluster.start("--engines", "mpi", "-n", "4", timeout=120)
+        code = ("rc.wait_for_engines(4, timeout=60)\n"
                 "def f():\n"
                 "    from mpi4py import MPI\n"
                 "    c = MPI.COMM_WORLD\n"
@@ -368,25 +358,13 @@ def test_ipyfarm_start_engines_mpi_daemonized(tmp_path):
                 "print(rc.ids, rc[:].apply_sync(f))\n"
                 "print([i['pid'] for i in rc.engines.values()])\n"
                 "rc.close()\n")
-        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert got.returncode == 0, got.stderr
-        lines = got.stdout.splitlines()
+        lines = cluster.client(code, timeout=120).splitlines()
         assert lines[0] == "[0, 1, 2, 3] [(0, 6), (1, 6), (2, 6), (3, 6)]"
-        pids += json.loads(lines[1])
-        pids += [p.pid for p in psutil.Process(ctl).children(recursive=True)]
-        listing = subprocess.run(cli + ["list"], env=env, capture_output=True, text=True,
-                                 timeout=60)
-        assert re.search(rf"{profile}\s+{ctl}\s+4\s+process .* mpi 1 mpiexec, 4 ranks",
-                         listing.stdout), listing.stdout
-        stop = subprocess.run(cli + ["stop", "--profile", profile], env=env,
-                              capture_output=True, text=True, timeout=60)
-        assert stop.returncode == 0, stop.stderr
-        assert wait_until(lambda: gone(pids), 20), [p for p in pids if not gone([p])]
-    finally:
-        if not pids:
-            pids = [p.pid for p in psutil.Process().children(recursive=True)]
-        kill_pids(pids)
+        cluster.track(json.loads(lines[1]))
+        listing = cluster.cli("list").stdout
+        assert re.search(rf"{profile}\s+{cluster.controller_pid}\s+4\s+process .* mpi 1 "
+                         r"mpiexec, 4 ranks", listing), listing
+        cluster.stop(gone_within=20, timeout=60)
 
 
 @needs_mpi
