@@ -188,7 +188,9 @@ class ParallelMagics(Magics):
         self.suffix = suffix
         self.last_result: Any = None
         self._last_client: Any = None
-        self.config_ = SimpleNamespace(targets=None, block=True, stream=True, verbose=False,
+        # block None: the view's own block flag, as in ipyparallel (views the magics make
+        # for themselves are blocking); %pxconfig --block/--noblock overrides it
+        self.config_ = SimpleNamespace(targets=None, block=None, stream=True, verbose=False,
                                        progress_after=2.0, signal="SIGINT", groupby="type")
         self._autopx = None
         for kind in ("line", "cell"):
@@ -202,6 +204,7 @@ class ParallelMagics(Magics):
             rc = latest_client()  # a Client made in this session activates the magics
             if rc is not None:
                 self.view = rc[:]
+                self.view.block = True  # ipyparallel's initially active view blocks
                 _print_now(f"ipyfarm: %px runs on the {len(rc.ids)} engines of the Client "
                            "created in this session (rc[:].activate() picks another)")
                 return self.view
@@ -260,7 +263,8 @@ class ParallelMagics(Magics):
             _print_now(f"Parallel execution on engine(s): {ids}")
         if args.local:
             self._run_here(code)
-        if not self._pick(args, "block"):
+        block = self._pick(args, "block")
+        if not (view.block if block is None else block):
             return ar
         self._wait_and_show(ar, view.client, args)
         return None
@@ -321,7 +325,10 @@ class ParallelMagics(Magics):
         for key, value in changes.items():
             setattr(self.config_, key, value)
         if not changes:
-            text = ", ".join(f"{k}={v!r}" for k, v in vars(self.config_).items())
+            shown = dict(vars(self.config_))
+            if shown["block"] is None:  # the view's flag (a view the magics make: True)
+                shown["block"] = True if self.view is None else bool(self.view.block)
+            text = ", ".join(f"{k}={v!r}" for k, v in shown.items())
             _print_now(f"%pxconfig{self.suffix}: {text}")
 
     pxconfig.__doc__ = (pxconfig.__doc__ or "") + "\n" + _PXCONFIG.format_help()
@@ -514,7 +521,9 @@ class FarmMagics(Magics):
 
         cluster = Cluster(n=n, scheme=scheme, profile=profile or f"farm-{os.getpid()}")
         rc = cluster.start_and_connect_sync()
-        activate(rc[:], "")
+        view = rc[:]
+        view.block = True  # like the view a Client activates: %px waits and shows
+        activate(view, "")
         how = " (one per core)" if n is None else ""
         _print_now(f"ipyfarm: started a cluster of {len(rc.ids)} engines{how}, ids {rc.ids}, "
                    f"scheme {scheme}; %px runs on all of them, `%farm stop` stops it")

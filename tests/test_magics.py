@@ -1,5 +1,5 @@
 """%px, %%px, %autopx, %pxresult, %pxconfig and %farm in a real IPython shell, on real
-engines (one 2-engine cluster for the module, activated with ``rc[:].activate()``)."""
+engines (one 2-engine cluster for the module, activated with ``rc.activate()``)."""
 
 import _thread
 import io
@@ -53,7 +53,7 @@ def ip(tmp_path_factory):
 def px(ip, cluster):
     """The %px magics, activated on the module's cluster."""
     _, rc = cluster
-    rc[:].activate()
+    rc.activate()  # a blocking view of all engines, as ipyparallel's Client.activate
     return ip.magics_manager.magics["line"]["px"].__self__
 
 
@@ -63,7 +63,7 @@ def _fresh_config(request):
     if "px" in request.fixturenames:
         magics = request.getfixturevalue("px")
         magics.stop_autopx()
-        magics.config_.targets, magics.config_.block = None, True
+        magics.config_.targets, magics.config_.block = None, None
 
 
 def run(ip, cell):
@@ -430,7 +430,7 @@ def notebook(cluster):
     km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
     try:
         kernel_run(kc, f"import ipyfarm as ipp\nrc = ipp.Client(profile={c.profile!r})\n"
-                        "rc[:].activate()")
+                        "rc.activate()")
         yield km, kc
         kernel_run(kc, "rc.close()")
     finally:
@@ -540,13 +540,35 @@ def test_ctrl_c_with_no_signal_leaves_the_engines_running(ip, px, rc):
 
 
 def test_activate_with_suffix(ip, px, rc):
-    rc[1].activate("one")
+    view = rc[1]
+    view.block = True
+    view.activate("one")
     out, _, _, _ = run(ip, "%pxone print('suffixed')")
     assert "[stdout:1] suffixed" in out and "[stdout:0]" not in out
     out, _, _, _ = run(ip, "%%pxone\nprint('cell')")
     assert "[stdout:1] cell" in out
     out, _, _, _ = run(ip, "%pxconfigone")
-    assert "%pxconfigone:" in out
+    assert "%pxconfigone:" in out and "block=True" in out
+
+
+def test_px_follows_the_views_block_flag(ip, px, rc):
+    """As in ipyparallel: a view activated with block=False (a view's default) makes %px
+    return the AsyncResult at once; %pxresult shows it; --block or %pxconfig override."""
+    rc[0].activate("async")
+    assert rc[0].block is False
+    out, _, _, result = run(ip, "%pxasync print('not yet shown')")
+    ar = result.result
+    assert isinstance(ar, ipp.AsyncResult) and "not yet shown" not in out
+    assert ar.wait(20)
+    out, _, _, _ = run(ip, "%pxresultasync")
+    assert "[stdout:0] not yet shown" in out
+    out, _, _, result = run(ip, "%pxasync --block print('now')")
+    assert result.result is None and "[stdout:0] now" in out
+    out, _, _, _ = run(ip, "%pxconfigasync")
+    assert "block=False" in out
+    run(ip, "%pxconfigasync --block")
+    out, _, _, result = run(ip, "%pxasync print('configured')")
+    assert result.result is None and "[stdout:0] configured" in out
 
 
 def _children():
@@ -679,7 +701,7 @@ def test_client_activate_returns_a_blocking_view(ip, px, rc):
         out, _, _, _ = run(ip, "%px print('all of them')")
         assert "[stdout:0] all of them" in out and "[stdout:1] all of them" in out
     finally:
-        rc[:].activate()
+        rc.activate()
 
 
 # ---------------------------------------------------------------------- %farm dashboard

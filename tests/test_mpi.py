@@ -198,7 +198,7 @@ def ip(tmp_path_factory, mpi_cluster):
     shell = InteractiveShell.instance(config=tools.default_config(),
                                       ipython_dir=str(tmp_path_factory.mktemp("ipython")))
     shell.run_line_magic("load_ext", "ipyfarm")
-    mpi_cluster[1][:].activate()
+    mpi_cluster[1].activate()
     try:
         yield shell
     finally:
