@@ -152,9 +152,7 @@ class Cluster:
             self.stop_cluster_sync()
             raise
         if activate:
-            activate_fn = getattr(rc[:], "activate", None)
-            if activate_fn is not None:
-                activate_fn()
+            rc.activate()  # %px on a blocking view of all engines
         return rc
 
     def _wait_engines(self, rc: Any, n: int) -> None:
