@@ -74,15 +74,30 @@ def _ip(*args, check=True):
                           check=check)
 
 
+def _add_netns(name):
+    """``ip netns add name``; skips the module where this root may not make one."""
+    made = _ip("netns", "add", name, check=False)
+    if made.returncode and "Operation not permitted" in made.stderr:
+        pytest.skip(f"this root may not make network namespaces (a container without "
+                    f"CAP_SYS_ADMIN?): {made.stderr.strip()}")
+    made.check_returncode()
+
+
+def _tcpdump(dev, pcap):
+    """tcpdump writing every TCP packet on ``dev`` to ``pcap`` as it comes.
+
+    --immediate-mode: without it libpcap hands packets over a ring-buffer block at a
+    time, and a block not yet full when tcpdump is stopped is lost (a run of a few
+    seconds then captured nothing, about one time in two)."""
+    return ["tcpdump", "-i", dev, "-n", "-U", "--immediate-mode", "-s", "0", "-Z", "root",
+            "-w", str(pcap), "tcp"]
+
+
 @pytest.fixture(scope="module")
 def hosts():
     """Two namespaces and a veth pair between them; removed however the module ends."""
     try:
-        made = _ip("netns", "add", NS_CTL, check=False)
-        if made.returncode and "Operation not permitted" in made.stderr:
-            pytest.skip(f"this root may not make network namespaces (a container without "
-                        f"CAP_SYS_ADMIN?): {made.stderr.strip()}")
-        made.check_returncode()
+        _add_netns(NS_CTL)
         _ip("netns", "add", NS_ENG)
         _ip("link", "add", VETH_CTL, "type", "veth", "peer", "name", VETH_ENG)
         for ns, dev, ip in ((NS_CTL, VETH_CTL, CTL_IP), (NS_ENG, VETH_ENG, ENG_IP)):
@@ -148,11 +163,7 @@ def _run_two_hosts(tmp_path, curve):
                          for p in sorted(logs.iterdir()))
 
     try:
-        # --immediate-mode: without it libpcap hands packets over a ring-buffer block at a
-        # time, and a block not yet full when tcpdump is stopped is lost (a run of a few
-        # seconds then captured nothing, about one time in two)
-        dump = start(_in(NS_CTL, "tcpdump", "-i", VETH_CTL, "-n", "-U", "--immediate-mode",
-                         "-s", "0", "-Z", "root", "-w", str(pcap), "tcp"), "tcpdump.log")
+        dump = start(_in(NS_CTL, *_tcpdump(VETH_CTL, pcap)), "tcpdump.log")
         assert wait_until(lambda: "listening on" in (logs / "tcpdump.log").read_text()
                           or dump.poll() is not None, 30), log_text()
         assert dump.poll() is None, f"tcpdump did not start:\n{log_text()}"

@@ -218,9 +218,9 @@ def _keygen(path):
                    check=True, timeout=30)
 
 
-def _write_sshd_config(d, port):
+def _write_sshd_config(d, port, listen="127.0.0.1"):
     (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"Port {port}\nListenAddress {listen}\nHostKey {d / 'host_key'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile none\n"
         "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
@@ -248,52 +248,69 @@ def sshd(tmp_path_factory):
                                  "openssh-client (the CI script does)")
     assert os.geteuid() == 0, "these tests start sshd, which needs root"
     d = tmp_path_factory.mktemp("sshd")
-    _keygen(d / "host_key")
-    _keygen(d / "client_key")
-    _keygen(d / "stranger_key")  # not authorized
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    _make_keys(d)
     log = open(d / "sshd.log", "wb")  # noqa: SIM115
     proc, port = _start_sshd(d, log)
     try:
-        host_pub = (d / "host_key.pub").read_text().split()
-        (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-        common = (f"Host *\n  UserKnownHostsFile {d / 'known_hosts'}\n"
-                  "  StrictHostKeyChecking yes\n  IdentitiesOnly yes\n  LogLevel ERROR\n")
-        (d / "ssh_config").write_text(common + f"  IdentityFile {d / 'client_key'}\n")
-        (d / "ssh_config_nokey").write_text(common)
+        _write_client_files(d, "127.0.0.1", port)
         yield SimpleNamespace(pid=proc.pid, port=port, dir=d, key=str(d / "client_key"),
                               host=f"root@127.0.0.1:{port}", config=str(d / "ssh_config"),
                               log=d / "sshd.log")
     finally:
-        try:
-            sessions = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.Error:
-            sessions = []
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        kill_pids(sessions)
+        _stop_sshd(proc)
         log.close()
 
 
-def _start_sshd(d, log, tries=3):
-    """``sshd -D -e`` on a free port (another one if that port was taken meanwhile);
-    returns (process, port) once it listens."""
+def _make_keys(d):
+    """In ``d``: a host key, an authorized client key and a stranger key (not authorized)."""
+    _keygen(d / "host_key")
+    _keygen(d / "client_key")
+    _keygen(d / "stranger_key")
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+
+
+def _write_client_files(d, host, port):
+    """``known_hosts`` with our sshd's host key for ``[host]:port``, and the ssh configs
+    that read only it: ``ssh_config`` (with the client key) and ``ssh_config_nokey``."""
+    host_pub = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[{host}]:{port} {host_pub[0]} {host_pub[1]}\n")
+    common = (f"Host *\n  UserKnownHostsFile {d / 'known_hosts'}\n"
+              "  StrictHostKeyChecking yes\n  IdentitiesOnly yes\n  LogLevel ERROR\n")
+    (d / "ssh_config").write_text(common + f"  IdentityFile {d / 'client_key'}\n")
+    (d / "ssh_config_nokey").write_text(common)
+
+
+def _stop_sshd(proc):
+    """Stop the sshd we started (by its pid), then what its sessions left."""
+    try:
+        sessions = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        sessions = []
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    kill_pids(sessions)
+
+
+def _start_sshd(d, log, tries=3, listen="127.0.0.1", wrap=()):
+    """``sshd -D -e`` on a free port of ``listen`` (another one if that port was taken
+    meanwhile), run under ``wrap`` (e.g. ``ip netns exec NS``); returns (process, port)
+    once it listens."""
     for _ in range(tries):
         port = _free_port()
-        _write_sshd_config(d, port)
+        _write_sshd_config(d, port, listen)
         _privsep_dir_made(d / "sshd_config")
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+        proc = subprocess.Popen([*wrap, SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
         def listening(proc=proc, port=port):
             if proc.poll() is not None:
                 return True  # ended: no use waiting
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection((listen, port), timeout=1).close()
                 return True
             except OSError:
                 return False
