@@ -17,7 +17,6 @@ outstanding task count, ``last_used`` the dispatch counter when it last got work
 
 from __future__ import annotations
 
-import bisect
 import random
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -59,13 +58,11 @@ def twobin(slots: Sequence[Any], rng: random.Random) -> Any:
 def weighted(slots: Sequence[Any], rng: random.Random) -> Any:
     if len(slots) == 1:
         return slots[0]
-    cum, total = [], 0.0
-    for s in slots:
-        total += 1.0 / (1 + s.load)
-        cum.append(total)
-    a = bisect.bisect_right(cum, rng.random() * total)
-    b = bisect.bisect_right(cum, rng.random() * total)
-    return leastload([slots[min(a, len(slots) - 1)], slots[min(b, len(slots) - 1)]], rng)
+    # two draws with weights 1/(1 + load) (random.choices: cumulative weights, bisect)
+    a, b = rng.choices(slots, weights=[1.0 / (1 + s.load) for s in slots], k=2)
+    if (b.load, b.last_used, b.engine_id) < (a.load, a.last_used, a.engine_id):
+        return b
+    return a
 
 
 SCHEMES: dict[str, Callable[[Sequence[Any], random.Random], Any]] = {

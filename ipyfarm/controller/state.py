@@ -85,6 +85,7 @@ class ControllerState(StateViews):
         # alive engines with room for another balanced task (fewer than hwm outstanding):
         # kept up to date so a decision does not walk every engine of a large cluster
         self._roomy: dict[int, EngineState] = {}
+        self._roomy_sorted: list[EngineState] | None = None  # _roomy in id order, cached
         # leastload (the default) picks from a heap of (load, last_used, engine_id) of the
         # engines with room, O(log n) a decision; entries an engine outgrew are skipped
         self._by_load: list[tuple[int, int, int]] = []
@@ -223,7 +224,8 @@ class ControllerState(StateViews):
         eng.alive = False
         eng.lost_reason = reason
         _remove(self._live, eng)
-        self._roomy.pop(engine_id, None)
+        if self._roomy.pop(engine_id, None) is not None:
+            self._roomy_sorted = None
         out: list[C.Command] = []
         lost = list(eng.outstanding)
         eng.outstanding.clear()
@@ -318,7 +320,7 @@ class ControllerState(StateViews):
         if ev.timeout is not None and ev.timeout > 0:
             job.timeout = ev.timeout
             job.deadline = ev.now + ev.timeout
-        deps = _dep_ids(job)
+        deps = _dep_ids(job) if ev.after is not None or ev.follow is not None else ()
         if ev.msg_id in deps:
             self._fail(job, "InvalidDependency", f"task {ev.msg_id} depends on itself", out)
             return out
@@ -421,7 +423,9 @@ class ControllerState(StateViews):
                 continue
             if roomy is None:
                 # in id order, as the schemes expect (ties, seeded random picks)
-                roomy = sorted(self._roomy.values(), key=_engine_id)
+                if self._roomy_sorted is None:
+                    self._roomy_sorted = sorted(self._roomy.values(), key=_engine_id)
+                roomy = list(self._roomy_sorted)
             if job.constrained:
                 fits, why = self._candidates(job)
                 if not fits:
@@ -458,7 +462,8 @@ class ControllerState(StateViews):
         self._dispatches += 1
         eng.last_used = self._dispatches
         if self.hwm and len(eng.outstanding) >= self.hwm:
-            self._roomy.pop(eng.engine_id, None)
+            if self._roomy.pop(eng.engine_id, None) is not None:
+                self._roomy_sorted = None
         elif eng.alive:
             self._room(eng)  # its load and last use changed
         if job.time_limit is not None and len(eng.outstanding) == 1:
@@ -467,6 +472,8 @@ class ControllerState(StateViews):
 
     def _room(self, eng: EngineState) -> None:
         """``eng`` has room for a balanced task (again, or with a new load)."""
+        if eng.engine_id not in self._roomy:
+            self._roomy_sorted = None
         self._roomy[eng.engine_id] = eng
         if self._heaped:
             heap = self._by_load

@@ -28,6 +28,7 @@ class StateViews:
     scheme_name: str
     _live: list
     _roomy: dict
+    _roomy_sorted: list | None
     _heaped: bool
     _by_load: list
     _dispatches: int
@@ -106,6 +107,8 @@ class StateViews:
                 assert not eng.outstanding, eng.engine_id
         roomy = {e.engine_id for e in self._live if not self.hwm or e.load < self.hwm}
         assert set(self._roomy) == roomy, (sorted(self._roomy), sorted(roomy))
+        if self._roomy_sorted is not None:
+            assert [e.engine_id for e in self._roomy_sorted] == sorted(roomy)
         if self._heaped:
             entries = set(self._by_load)
             for e in self._roomy.values():
