@@ -500,13 +500,17 @@ def test_progress_widget_follows_a_real_async_result(rc, tmp_path):
     for g in gates[:2]:  # hwm 1 on 2 engines: these two are the running ones
         g.touch()
     assert wait_until(lambda: ar.progress == 2, 30)
-    box = progress_wait(ar, interval=0.02, timeout=0.3, widget=True)
-    bar, label = box.children
+    early = progress_wait(ar, interval=0.02, timeout=0.3, widget=True)
+    bar, label = early.children
     assert (bar.value, bar.max, bar.bar_style) == (2, 4, "warning")
     assert label.value.startswith("2/4 tasks") and label.value.endswith("still running")
-    box.close()
     for g in gates[2:]:
         g.touch()
+    # the bar of the wait that gave up finishes by itself once the results are in
+    assert wait_until(lambda: bar.bar_style == "success", 30), (bar.bar_style, label.value)
+    assert bar.value == 4 and label.value.startswith("4/4 tasks")
+    assert label.value.endswith("done")
+    early.close()
     box = progress_wait(ar, interval=0.02, widget=True)
     bar, label = box.children
     assert (bar.value, bar.max, bar.bar_style) == (4, 4, "success")

@@ -124,6 +124,16 @@ class WidgetProgress:
         self.bar.bar_style = ("success" if outcome == "done" else
                               "danger" if "failed" in outcome else "warning")
         self.label.value = f"{self._text()} · {outcome}"
+        if not done and not self._ar.done():
+            # the wait ended first (timeout, return_when, Ctrl-C): the bar still finishes
+            # when the results come in (on the client's I/O thread)
+            self._ar.add_done_callback(self._finish_later)
+
+    def _finish_later(self, _future: Any) -> None:
+        try:
+            self.close(True)
+        except Exception:  # a widget closed meanwhile has nothing left to show
+            pass
 
 
 def make_progress(ar: Any, widget: bool | None = None) -> TextProgress | WidgetProgress:
