@@ -16,9 +16,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import signal as _signal
-import sys
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,14 +25,13 @@ from IPython.core.magic import (Magics, line_cell_magic, line_magic, magics_clas
 from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import error
-from .client.display import display_outputs, show_outputs
+from .client.display import display_outputs
 from .client.targets import parse_targets
+from .pxwait import Streamer, interrupt, print_now, signal_number, wait
 
 __all__ = ["FarmMagics", "ParallelMagics", "activate", "load_ipython_extension"]
 
 GROUPS = ("type", "engine", "order")
-_POLL = 0.05  # s between looks at streamed output; a finished result ends a wait at once
-_INTERRUPT_WAIT = 5.0  # s to wait for the engines' replies after Ctrl-C sent them a signal
 
 # (flags, argparse keywords); the same table builds the parsers and reads %px lines
 _EXEC = [
@@ -113,19 +109,6 @@ def split_px_line(line: str) -> tuple[list[str], str]:
     return argv, line[pos:].strip()
 
 
-def signal_number(text: str | int) -> int:
-    """``"SIGINT"``, ``"INT"``, ``"2"`` or ``2`` as a signal number; 0 means none."""
-    if isinstance(text, int) or str(text).strip().isdigit():
-        return int(text)
-    name = str(text).strip().upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    sig = getattr(_signal.Signals, name, None) if name.isidentifier() else None
-    if sig is None:
-        raise UsageError(f"unknown signal {text!r}: use a name (SIGINT, SIGTERM, SIGKILL) "
-                         "or a number (2, 15, 9; 0 sends none)")
-    return int(sig)
-
-
 def _targets_arg(text: str | None) -> Any:
     if text is None:
         return None
@@ -133,49 +116,6 @@ def _targets_arg(text: str | None) -> Any:
         return parse_targets(text)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def _print_now(text: str, end: str = "\n", file: Any = None) -> None:
-    print(text, end=end, file=file or sys.stdout, flush=True)
-
-
-class _Streamer:
-    """Prints engines' whole output lines and displays as the client's I/O thread
-    adds them to each message's metadata; what is left goes to display_outputs."""
-
-    def __init__(self, metadatas: list):
-        self._mds = metadatas
-        self._sent = [{"stdout": 0, "stderr": 0} for _ in metadatas]
-        self._shown = [0] * len(metadatas)
-
-    def poll(self, before_print: Any = lambda: None) -> None:
-        for i, md in enumerate(self._mds):
-            for name in ("stdout", "stderr"):
-                text = md.get(name) or ""
-                start = self._sent[i][name]
-                end = text.rfind("\n", start) + 1
-                if end > start:
-                    before_print()
-                    label = f"[{name}:{md.get('engine_id')}] "
-                    lines = text[start:end].rstrip("\n").split("\n")
-                    _print_now("\n".join(label + line for line in lines),
-                               file=sys.stdout if name == "stdout" else sys.stderr)
-                    self._sent[i][name] = end
-            outputs = list(md.get("outputs") or [])
-            if outputs[self._shown[i]:]:
-                before_print()
-                show_outputs(md, outputs[self._shown[i]:])
-            self._shown[i] = max(self._shown[i], len(outputs))
-
-    def remaining(self) -> list[dict]:
-        left = []
-        for i, md in enumerate(self._mds):
-            rest = dict(md)
-            for name in ("stdout", "stderr"):
-                rest[name] = (md.get(name) or "")[self._sent[i][name]:]
-            rest["outputs"] = list(md.get("outputs") or [])[self._shown[i]:]
-            left.append(rest)
-        return left
 
 
 @magics_class
@@ -205,7 +145,7 @@ class ParallelMagics(Magics):
             if rc is not None:
                 self.view = rc[:]
                 self.view.block = True  # ipyparallel's initially active view blocks
-                _print_now(f"ipyfarm: %px runs on the {len(rc.ids)} engines of the Client "
+                print_now(f"ipyfarm: %px runs on the {len(rc.ids)} engines of the Client "
                            "created in this session (rc[:].activate() picks another)")
                 return self.view
         if self.view is None:
@@ -260,7 +200,7 @@ class ParallelMagics(Magics):
             self.shell.user_ns[args.out] = ar
         if self._pick(args, "verbose"):
             ids = ar.engine_id if isinstance(ar.engine_id, list) else [ar.engine_id]
-            _print_now(f"Parallel execution on engine(s): {ids}")
+            print_now(f"Parallel execution on engine(s): {ids}")
         if args.local:
             self._run_here(code)
         block = self._pick(args, "block")
@@ -281,11 +221,11 @@ class ParallelMagics(Magics):
 
     def _wait_and_show(self, ar: Any, client: Any, args: Any) -> None:
         metadatas = [client.metadata[m] for m in ar.msg_ids]
-        streamer = _Streamer(metadatas) if self._pick(args, "stream") else None
+        streamer = Streamer(metadatas) if self._pick(args, "stream") else None
         try:
-            _wait(ar, streamer, self._pick(args, "progress_after"))
+            wait(ar, streamer, self._pick(args, "progress_after"))
         except KeyboardInterrupt:
-            if not _interrupt(ar, client, self._pick(args, "signal")):
+            if not interrupt(ar, client, self._pick(args, "signal")):
                 if streamer is not None:
                     streamer.poll()
                 raise
@@ -329,7 +269,7 @@ class ParallelMagics(Magics):
             if shown["block"] is None:  # the view's flag (a view the magics make: True)
                 shown["block"] = True if self.view is None else bool(self.view.block)
             text = ", ".join(f"{k}={v!r}" for k, v in shown.items())
-            _print_now(f"%pxconfig{self.suffix}: {text}")
+            print_now(f"%pxconfig{self.suffix}: {text}")
 
     pxconfig.__doc__ = (pxconfig.__doc__ or "") + "\n" + _PXCONFIG.format_help()
 
@@ -340,10 +280,10 @@ class ParallelMagics(Magics):
         if self._autopx is None:
             self._autopx = self._to_px
             self.shell.input_transformers_cleanup.append(self._autopx)
-            _print_now(f"%autopx{self.suffix} enabled")
+            print_now(f"%autopx{self.suffix} enabled")
         else:
             self.stop_autopx()
-            _print_now(f"%autopx{self.suffix} disabled")
+            print_now(f"%autopx{self.suffix} disabled")
 
     def stop_autopx(self) -> None:
         if self._autopx is not None:
@@ -362,56 +302,6 @@ class ParallelMagics(Magics):
         if _incomplete(cell):
             return lines  # a terminal is still reading a block: let it ask for more
         return [f"get_ipython().run_cell_magic({'px' + self.suffix!r}, '', {cell!r})\n"]
-
-
-def _wait(ar: Any, streamer: _Streamer | None, progress_after: float | None) -> None:
-    """Wait for ``ar``, printing streamed lines; after ``progress_after`` s (None or < 0:
-    never) go on in ``ar.wait_interactive()``'s progress bar (a widget in a notebook)."""
-    from .widgets.progress import wait_interactive
-
-    interval = _POLL if streamer is not None else 1.0
-    never = progress_after is None or progress_after < 0
-    deadline = None if never else time.monotonic() + progress_after
-    while not ar.wait(interval if deadline is None else
-                      max(min(interval, deadline - time.monotonic()), 0.0)):
-        if streamer is not None:
-            streamer.poll()
-        if deadline is not None and time.monotonic() >= deadline:
-            def poll(display: Any) -> None:
-                if streamer is not None:
-                    streamer.poll(display.clear)
-
-            wait_interactive(ar, interval=min(interval, 0.1), poll=poll)
-            return
-
-
-def _interrupt(ar: Any, client: Any, sig: Any) -> bool:
-    """Ctrl-C during a blocking %px: send ``sig`` to the engines still running ``ar`` and
-    wait (``_INTERRUPT_WAIT`` s at most) for their replies; True once all are in."""
-    signum = signal_number(sig)
-    running = sorted({client.metadata[m]["engine_id"] for m in ar.msg_ids
-                      if m not in client.results})
-    if not running:
-        return ar.wait(_INTERRUPT_WAIT)
-    if not signum:
-        _print_now(f"%px: interrupted here; engine(s) {running} go on running (the "
-                   "signal-on-interrupt is 0); %pxresult shows their outputs when they "
-                   "finish", file=sys.stderr)
-        return False
-    try:
-        name = _signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    _print_now(f"%px: interrupted; sent {name} to engine(s) {running}", file=sys.stderr)
-    client.send_signal(signum, targets=running)
-    if ar.wait(_INTERRUPT_WAIT):
-        return True
-    late = sorted({client.metadata[m]["engine_id"] for m in ar.msg_ids
-                   if m not in client.results})
-    _print_now(f"%px: engine(s) {late} still run {_INTERRUPT_WAIT:.0f} s after {name}: "
-               "they may ignore it (try --signal-on-interrupt SIGTERM); %pxresult shows "
-               "their outputs when they finish", file=sys.stderr)
-    return False
 
 
 def _incomplete(cell: str) -> bool:
@@ -525,7 +415,7 @@ class FarmMagics(Magics):
         view.block = True  # like the view a Client activates: %px waits and shows
         activate(view, "")
         how = " (one per core)" if n is None else ""
-        _print_now(f"ipyfarm: started a cluster of {len(rc.ids)} engines{how}, ids {rc.ids}, "
+        print_now(f"ipyfarm: started a cluster of {len(rc.ids)} engines{how}, ids {rc.ids}, "
                    f"scheme {scheme}; %px runs on all of them, `%farm stop` stops it")
         return rc
 
@@ -553,24 +443,24 @@ class FarmMagics(Magics):
                 magics.stop_autopx()
                 magics.view = None
         cluster.stop_cluster_sync()
-        _print_now(f"ipyfarm: stopped the cluster ({n} engines)")
+        print_now(f"ipyfarm: stopped the cluster ({n} engines)")
 
     def _status(self, argv: list[str]) -> None:
         view = self._view()
         if view is None:
-            _print_now("ipyfarm: no cluster is active; `%farm start` or %px starts one")
+            print_now("ipyfarm: no cluster is active; `%farm start` or %px starts one")
             return
         rc = view.client
         where = "embedded in this kernel" if rc.cluster is not None else "external"
         queues = rc.queue_status()
-        _print_now(f"ipyfarm: {len(rc.ids)} engines, controller {where} "
+        print_now(f"ipyfarm: {len(rc.ids)} engines, controller {where} "
                    f"(profile {rc.profile!r}); %px targets {view.targets}")
-        _print_now(f"{'engine':>6}  {'queue':>5}  {'completed':>9}  {'tasks':>5}")
+        print_now(f"{'engine':>6}  {'queue':>5}  {'completed':>9}  {'tasks':>5}")
         for engine_id in rc.ids:
             q = queues.get(engine_id, {})
-            _print_now(f"{engine_id:>6}  {q.get('queue', 0):>5}  {q.get('completed', 0):>9}"
+            print_now(f"{engine_id:>6}  {q.get('queue', 0):>5}  {q.get('completed', 0):>9}"
                        f"  {q.get('tasks', 0):>5}")
-        _print_now(f"unassigned tasks: {queues.get('unassigned', 0)}")
+        print_now(f"unassigned tasks: {queues.get('unassigned', 0)}")
 
     def _add(self, argv: list[str]) -> None:
         if len(argv) != 1 or not argv[0].isdigit() or int(argv[0]) < 1:
@@ -582,7 +472,7 @@ class FarmMagics(Magics):
         cluster.start_engines_sync(n)
         rc.wait_for_engines(len(before) + n, timeout=cluster.engine_timeout)
         new = sorted(set(rc.ids) - before)
-        _print_now(f"ipyfarm: added {len(new)} engine{'s' if len(new) != 1 else ''}, ids {new};"
+        print_now(f"ipyfarm: added {len(new)} engine{'s' if len(new) != 1 else ''}, ids {new};"
                    f" {len(rc.ids)} in all")
 
     def _dashboard(self, argv: list[str]) -> Any:
