@@ -56,17 +56,21 @@ class Streamer:
                 start = self._sent[i][name]
                 end = text.rfind("\n", start) + 1
                 if end > start:
+                    # counted as shown before printing: Ctrl-C mostly lands in the print's
+                    # flush (a wait on the kernel's output thread), after the text was
+                    # written; counting afterwards printed such lines twice
+                    self._sent[i][name] = end
                     before_print()
                     label = f"[{name}:{md.get('engine_id')}] "
                     lines = text[start:end].rstrip("\n").split("\n")
                     print_now("\n".join(label + line for line in lines),
-                               file=sys.stdout if name == "stdout" else sys.stderr)
-                    self._sent[i][name] = end
+                              file=sys.stdout if name == "stdout" else sys.stderr)
             outputs = list(md.get("outputs") or [])
-            if outputs[self._shown[i]:]:
+            new = outputs[self._shown[i]:]
+            self._shown[i] = max(self._shown[i], len(outputs))  # as above
+            if new:
                 before_print()
-                show_outputs(md, outputs[self._shown[i]:])
-            self._shown[i] = max(self._shown[i], len(outputs))
+                show_outputs(md, new)
 
     def remaining(self) -> list[dict]:
         left = []

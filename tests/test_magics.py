@@ -726,3 +726,30 @@ def test_farm_dashboard_shows_the_engines(ip, px, rc):
             ip.run_line_magic("farm", "dashboard")
     finally:
         px.view = saved
+
+
+def test_a_line_cut_short_by_ctrl_c_is_not_printed_again(monkeypatch):
+    """Ctrl-C mostly lands in the print's flush (in a kernel, a wait on the output
+    thread), after the text was written: the streamer must not print it again."""
+    from ipyfarm.pxwait import Streamer
+
+    class CutFlush:
+        def __init__(self):
+            self.text, self.cut = "", True
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            if self.cut:
+                self.cut = False
+                raise KeyboardInterrupt
+
+    out = CutFlush()
+    monkeypatch.setattr(sys, "stdout", out)
+    streamer = Streamer([{"engine_id": 1, "stdout": "started\n", "outputs": []}])
+    with pytest.raises(KeyboardInterrupt):
+        streamer.poll()
+    streamer.poll()
+    assert out.text.count("[stdout:1] started") == 1
+    assert streamer.remaining()[0]["stdout"] == ""
