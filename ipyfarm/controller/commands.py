@@ -47,6 +47,7 @@ class DeliverResult(Command):
     client_ident: bytes
     msg_id: str
     frames: Any
+    decoded: Any = None  # ReplyArrived.decoded: a client of the shell's process takes it
 
 
 @dataclass(slots=True)

@@ -94,6 +94,7 @@ class ReplyArrived(Event):
     evalue: str | None = None
     engine_uuid: str | None = None
     properties: dict | None = None  # the engine's properties, when they changed
+    decoded: Any = None  # the reply as the shell decoded it (opaque here), for delivery
 
 
 @dataclass(slots=True)

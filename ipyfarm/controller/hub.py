@@ -125,7 +125,6 @@ class Hub(ClientRequests):
         self._posted: collections.deque = collections.deque()
         # clients in this process: their messages come and go as frame lists, no sockets
         self._local: dict[bytes, Callable[[Any], None]] = {}  # receiving ident -> deliver
-        self._parsed_reply: tuple[list, Parsed] | None = None  # see _do_DeliverResult
         self._client_inbox: collections.deque = collections.deque()
         # widgets made on engines: comm_id -> (client ident, engine id) of the task that
         # opened the comm; the engine's comm messages go to that client, and the
@@ -449,18 +448,15 @@ class Hub(ClientRequests):
             return
         status = content.get("status", "error")
         rest = compact(rest)
-        # for a client of this process: what it would otherwise verify and decode again
-        self._parsed_reply = (rest, Parsed(header, parent, md, content, rest[5:]))
         ev = E.ReplyArrived(
             time.monotonic(), engine_id, msg_id, status, rest, frames_nbytes(rest),
             epoch(md.get("started")), epoch(md.get("completed")), idents[0] if idents else None,
             content.get("ename"), content.get("evalue"), md.get("engine_uuid"),
             md.get("properties"),
+            # for a client of this process: what it would otherwise verify and decode again
+            Parsed(header, parent, md, content, rest[5:]),
         )
-        try:
-            self._execute(self.state.handle(ev))
-        finally:
-            self._parsed_reply = None
+        self._execute(self.state.handle(ev))
 
     def _on_engine_control(self, engine_id: int, frames: list) -> None:
         decoded = self._decode(frames, f"engine {engine_id} control")
@@ -572,11 +568,10 @@ class Hub(ClientRequests):
         self.poller.recheck(shell)
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
-        parsed = self._parsed_reply
-        if parsed is not None and parsed[0] is cmd.frames:
+        if cmd.decoded is not None:
             deliver = self._local.get(cmd.client_ident)
             if deliver is not None:
-                deliver(parsed[1])
+                deliver(cmd.decoded)
                 return
         self._to_client([cmd.client_ident, DELIM, *cmd.frames])
 

@@ -612,7 +612,7 @@ class ControllerState(StateViews):
             eng.failed += 1
             rec.ename, rec.evalue = ev.ename, ev.evalue
         self.db.store_result(rec, ev.frames, ev.nbytes)
-        out.append(C.DeliverResult(rec.client_ident, ev.msg_id, ev.frames))
+        out.append(C.DeliverResult(rec.client_ident, ev.msg_id, ev.frames, ev.decoded))
         self._finish(job, ev.status, out)
         if ev.properties is not None:
             self._revisit_waiting(out)

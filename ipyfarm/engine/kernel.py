@@ -82,7 +82,6 @@ class FarmKernel(IPythonKernel):
         self.properties: dict[str, Any] = {}
         self._sent_properties: dict[str, Any] = {}  # as the controller last heard them
         self._queued_shell = 0  # shell messages on ipykernel's (asynchronous) path
-        self._raw_header: tuple[str, bytes] | None = None  # (msg_id, its header's bytes)
         _cache_signature_checks()
         ops._bind(self)
 
@@ -135,7 +134,6 @@ class FarmKernel(IPythonKernel):
             self.log.error("Invalid Message", exc_info=True)
             return
         stream = self.shell_stream
-        self._raw_header = (parent["msg_id"], frames_bytes(frames[1]))
         self.set_parent(idents, parent, channel="shell")
         if not self.should_handle(stream, parent, idents):
             return
@@ -144,7 +142,7 @@ class FarmKernel(IPythonKernel):
         except Exception:
             self.log.debug("Unable to signal in pre_handler_hook:", exc_info=True)
         try:
-            self.apply_request(stream, idents, parent)
+            self.apply_request(stream, idents, parent, frames_bytes(frames[1]))
         except Exception:
             self.log.error("Exception in message handler:", exc_info=True)
         except KeyboardInterrupt:
@@ -244,8 +242,13 @@ class FarmKernel(IPythonKernel):
 
     # ---- shell: apply -----------------------------------------------------------------
 
-    def apply_request(self, stream: Any, ident: list, parent: dict) -> None:
-        """Call ``f(*args, **kwargs)`` from the request's buffers; reply with its result."""
+    def apply_request(self, stream: Any, ident: list, parent: dict,
+                      raw_header: bytes | None = None) -> None:
+        """Call ``f(*args, **kwargs)`` from the request's buffers; reply with its result.
+
+        ``raw_header`` (the request's verified header bytes) comes only from the
+        synchronous path (:meth:`_apply_now`), whose reply may go straight to the socket.
+        """
         metadata = self.init_metadata(parent)
         reply_content, buffers = self._run_apply(parent)
         if threading.current_thread() is threading.main_thread():
@@ -254,14 +257,12 @@ class FarmKernel(IPythonKernel):
             _signal.signal(signal.SIGINT, _signal.SIG_IGN)
         self._flush_output()
         metadata = self.finish_metadata(parent, metadata, reply_content)
-        raw, self._raw_header = self._raw_header, None
-        if (raw is not None and raw[0] == parent["msg_id"] and isinstance(stream, ZMQStream)
-                and not stream.sending()):
+        if raw_header is not None and isinstance(stream, ZMQStream) and not stream.sending():
             # the synchronous path with nothing queued before it: straight to the socket.
             # Safe only there: this runs inside the ZMQStream's receive callback, which
             # re-reads the socket's events afterwards, so a request whose edge this send
             # consumed is still picked up (from an asyncio task it would be missed)
-            self.session.send_reply(stream.socket, ident, raw[1], "apply_reply",
+            self.session.send_reply(stream.socket, ident, raw_header, "apply_reply",
                                     reply_content, metadata, buffers)
             return
         self.session.send(
