@@ -29,6 +29,7 @@ from ..protocol.session import (
     Parsed,
     SignatureError,
     frames_bytes,
+    send_plain,
     split_identities,
 )
 from . import commands as C
@@ -37,7 +38,7 @@ from .db import MemoryTaskDB
 from .poller import SocketPoller, recv_frames
 from .requests import ClientRequests
 from .state import ControllerState
-from .wire import RateLimitedLog, compact, epoch, frames_nbytes, send_frames, task_fields
+from .wire import RateLimitedLog, compact, epoch, frames_nbytes, task_fields
 
 log = logging.getLogger("ipyfarm.controller")
 
@@ -230,7 +231,7 @@ class Hub(ClientRequests):
         if deliver is not None:
             deliver(frames[1:])
         else:
-            send_frames(self.client_sock, frames)
+            send_plain(self.client_sock, frames)
 
     def _send_to_client(self, ident: bytes, msg_type: str, content: dict,
                         parent: dict | None = None, metadata: dict | None = None,
@@ -546,7 +547,7 @@ class Hub(ClientRequests):
         socks = self._engine_socks.get(owner[1]) if owner else None
         if socks is None:
             return
-        send_frames(socks[0], [ident, DELIM, *rest])
+        send_plain(socks[0], [ident, DELIM, *rest])
         self.poller.recheck(socks[0])
         if msg_type == "comm_close":
             self._comms.pop(content["comm_id"], None)
@@ -564,7 +565,7 @@ class Hub(ClientRequests):
 
     def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
         shell = self._engine_socks[cmd.engine_id][0]
-        send_frames(shell, [cmd.client_ident, DELIM, *cmd.frames])
+        send_plain(shell, [cmd.client_ident, DELIM, *cmd.frames])
         self.poller.recheck(shell)
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
@@ -643,7 +644,7 @@ class Hub(ClientRequests):
             "username": self.session.username, "session": self.session.session,
             "date": datetime.now(timezone.utc).isoformat(), "version": hb[1]})
         parts = [header, b"{}", b"{}", hb[2] if cmd.known else hb[3]]
-        send_frames(self.reg_sock, [cmd.ident, DELIM, self.session.sign(parts), *parts])
+        send_plain(self.reg_sock, [cmd.ident, DELIM, self.session.sign(parts), *parts])
 
     @functools.cached_property
     def _hb_parts(self) -> tuple:

@@ -12,16 +12,14 @@ import logging
 import time
 from typing import Any
 
-import zmq
 
 from ..protocol.serialize import loads
-from ..protocol.session import frames_bytes, parse_date
+from ..protocol.session import COPY_THRESHOLD, frames_bytes, parse_date
 from .dependencies import DepSpec
 
 log = logging.getLogger("ipyfarm.controller")
 
-__all__ = ["RateLimitedLog", "compact", "epoch", "frames_nbytes", "send_frames",
-           "task_fields"]
+__all__ = ["RateLimitedLog", "compact", "epoch", "frames_nbytes", "task_fields"]
 
 
 def epoch(value: Any) -> float | None:
@@ -56,18 +54,7 @@ class RateLimitedLog:
             self._held[kind] += 1
 
 
-_BIG = 65536
-
-
-def send_frames(sock: zmq.Socket, frames: list) -> None:
-    """``send_multipart`` without its per-call overhead; only big frames go zero-copy."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        flags = 0 if i == last else zmq.SNDMORE.value
-        if isinstance(frame, bytes):
-            sock.send(frame, flags)
-        else:
-            sock.send(frame, flags, copy=len(frame) < _BIG)
+_BIG = COPY_THRESHOLD  # frames this big are kept zero-copy
 
 
 def task_fields(md: Any) -> dict:

@@ -36,6 +36,7 @@ from .replay import ReplayGuard
 
 __all__ = [
     "DELIM",
+    "COPY_THRESHOLD",
     "Parsed",
     "FarmSession",
     "SignatureError",
@@ -171,13 +172,15 @@ def iso_now() -> str:
 
 
 _MORE = 2  # zmq.SNDMORE as a plain int: the enum's | costs more than the send
+COPY_THRESHOLD = 65536  # smaller frames are copied into zmq, bigger ones sent zero-copy
 
 
-def send_plain(sock: Any, frames: list, copy_threshold: int) -> None:
-    """Send a multipart message on a zmq socket with the fewest Python steps.
+def send_plain(sock: Any, frames: list, copy_threshold: int = COPY_THRESHOLD) -> None:
+    """Send a multipart message on a zmq socket with the fewest Python steps
+    (``send_multipart`` asks the enum for each frame's flags).
 
-    bytes frames are copied (small by construction); buffers below ``copy_threshold``
-    are copied, bigger ones go zero-copy.
+    bytes frames are copied (small by construction); other frames (flat byte views, zmq
+    Frames) below ``copy_threshold`` bytes are copied, bigger ones go zero-copy.
     """
     last = len(frames) - 1
     send = sock.send
@@ -186,7 +189,7 @@ def send_plain(sock: Any, frames: list, copy_threshold: int) -> None:
         if isinstance(frame, bytes):
             send(frame, flags)
         else:
-            send(frame, flags, copy=frame.nbytes < copy_threshold)
+            send(frame, flags, copy=len(frame) < copy_threshold)
 
 
 def parse_date(value: Any) -> Any:
