@@ -328,3 +328,67 @@ def test_execute_with_top_level_await(rc):
                        block=False)
     ar.get(timeout=20)
     assert rc[:].pull("awaited", block=True) == ["yes"] * len(rc.ids)
+
+
+def test_fan_out_is_one_message_and_each_engine_gets_its_own_copy(rc):
+    sent = []
+    real_send = rc._io.send
+
+    def counting_send(frames, track=False):
+        sent.append(frames)
+        return real_send(frames, track)
+
+    rc._io.send = counting_send
+    try:
+        ar = rc[:].execute("p = get_ipython().kernel.get_parent()\n"
+                           "seen = (p['header']['msg_id'], p['metadata'])", block=False)
+        ar.get(timeout=30)
+    finally:
+        del rc._io.send
+    assert len(sent) == 1  # one message to the controller for both engines
+    assert len(set(ar.msg_ids)) == 2
+    seen = rc[:].pull("seen", block=True)
+    for engine_id, msg_id, (got_id, md) in zip(rc.ids, ar.msg_ids, seen, strict=True):
+        assert got_id == msg_id
+        assert md["engine_id"] == engine_id
+        assert "fanout" not in md
+        assert rc.metadata[msg_id]["engine_id"] == engine_id
+    records = rc.db_query({"msg_id": {"$in": ar.msg_ids}}, keys=["msg_id", "engine_uuid"])
+    assert {r["msg_id"] for r in records} == set(ar.msg_ids)
+    # apply, push and pull to several engines go the same way
+    assert rc[:].apply_sync(lambda x: x + 1, 1) == [2, 2]
+
+
+def test_fan_out_with_bad_metadata_fails_every_copy(cluster):
+    import zmq
+
+    from ipyfarm.protocol.session import FarmSession, split_identities
+
+    info = cluster[0].controller.connection_info()
+    session = FarmSession(key=info["key"].encode())
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(info["client"])
+    try:
+        def replies_to(md, n):
+            msg = session.msg("execute_request", {"code": "1", "silent": False},
+                              metadata=md)
+            sock.send_multipart(session.serialize_with_buffers(msg, None, []))
+            got = {}
+            while len(got) < n and sock.poll(10_000):
+                reply = session.deserialize(split_identities(sock.recv_multipart())[1])
+                got[reply["parent_header"]["msg_id"]] = reply["content"]
+            return msg["header"]["msg_id"], got
+
+        first, got = replies_to({"engine_id": 0, "fanout": [[1, "copy-for-1"]],
+                                 "time_limit": -1}, 2)
+        assert set(got) == {first, "copy-for-1"}
+        for content in got.values():
+            assert content["ename"] == "InvalidTaskMetadata"
+            assert "time_limit" in content["evalue"]
+        first, got = replies_to({"engine_id": 0, "fanout": [[1, ""]]}, 1)
+        assert got[first]["ename"] == "InvalidTaskMetadata"
+        assert "fanout" in got[first]["evalue"]
+    finally:
+        sock.close(0)

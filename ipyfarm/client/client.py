@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from datetime import datetime, timezone
 from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,8 @@ import zmq
 from .. import error
 from ..protocol.serialize import loads
 from ..protocol.session import (
-    DELIM,
     FarmSession,
     Parsed,
-    frames_bytes,
     parse_date,
     split_identities,
 )
@@ -276,7 +273,6 @@ class Client(ClientRecords):
         msg = self.session.msg(msg_type, content=content, metadata=md)
         msg_id = msg["header"]["msg_id"]
         frames = self.session.serialize_with_buffers(msg, None, buffers)
-        self._last_task_frames = frames  # for _send_tasks
         meta = Metadata(msg_id=msg_id, submitted=msg["header"]["date"], engine_id=engine_id)
         if extra_md:
             for key in ("after", "follow"):
@@ -293,34 +289,34 @@ class Client(ClientRecords):
                     extra_md: dict | None = None) -> list[str]:
         """One task per engine (a DirectView's fan-out); returns their msg_ids.
 
-        The first message is built as usual; the others reuse its packed content, its
-        parent and its buffers' signed digests (hashed once, not once per engine): only
-        the header (msg_id, date) and the metadata (engine_id) differ, and each is signed.
+        Several engines get one message: the task for the first, with a ``fanout`` list of
+        ``[engine_id, msg_id]`` for the others in its metadata. The controller makes each
+        engine's copy (its own header and metadata, signed) from it, so the content and
+        buffers are packed, hashed and sent once whatever the number of engines.
         """
         if len(engine_ids) < 2:
             return [self._send_task(msg_type, content, buffers, e, extra_md)[0]
                     for e in engine_ids]
-        first, _ = self._send_task(msg_type, content, buffers, engine_ids[0], extra_md)
-        frames = self._last_task_frames
+        self._check_open()
+        if buffers:
+            check_outgoing(buffers, self._info.get("max_message_bytes"), msg_type)
         session = self.session
-        base = session.unpack(frames_bytes(frames[2]))  # with its buffer_digests
-        parent, packed_content, views = frames[3], frames[5], frames[6:]
-        md: dict[str, Any] = {"engine_id": None, **(extra_md or {})}
+        ids = [session.msg_id for _ in engine_ids]
+        md: dict[str, Any] = {"engine_id": engine_ids[0], **(extra_md or {})}
+        md["fanout"] = [[e, m] for e, m in zip(engine_ids[1:], ids[1:], strict=True)]
+        msg = session.msg(msg_type, content=content, metadata=md)
+        msg["header"]["msg_id"] = msg["msg_id"] = ids[0]
+        frames = session.serialize_with_buffers(msg, None, buffers)
+        date = msg["header"]["date"]
         deps = {key: list(dep["ids"] if isinstance(dep, dict) else dep)
                 for key in ("after", "follow") if (dep := md.get(key))}
-        ids = [first]
-        for engine_id in engine_ids[1:]:
-            msg_id = session.msg_id
-            date = datetime.now(timezone.utc)
-            md["engine_id"] = engine_id
-            parts = [session.pack(dict(base, msg_id=msg_id, date=date)), parent,
-                     session.pack(md), packed_content]
-            meta = Metadata(msg_id=msg_id, submitted=date, engine_id=engine_id, **deps)
-            self.metadata[msg_id] = meta
-            self.outstanding.add(msg_id)
-            self.history.append(msg_id)
-            self._io.send([DELIM, session.sign(parts), *parts, *views])
-            ids.append(msg_id)
+        metadata, outstanding = self.metadata, self.outstanding
+        for engine_id, msg_id in zip(engine_ids, ids, strict=True):
+            metadata[msg_id] = Metadata(msg_id=msg_id, submitted=date, engine_id=engine_id,
+                                        **deps)
+            outstanding.add(msg_id)
+        self.history.extend(ids)
+        self._io.send(frames)
         return ids
 
     def _send_comm(self, msg_type: str, content: dict, buffers: list) -> None:

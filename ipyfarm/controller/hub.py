@@ -38,7 +38,7 @@ from .db import MemoryTaskDB
 from .poller import SocketPoller, recv_frames
 from .requests import ClientRequests
 from .state import ControllerState
-from .wire import RateLimitedLog, compact, epoch, frames_nbytes, task_fields
+from .wire import RateLimitedLog, compact, epoch, fanout_pairs, frames_nbytes, task_fields
 
 log = logging.getLogger("ipyfarm.controller")
 
@@ -393,20 +393,48 @@ class Hub(ClientRequests):
                 resubmit_of: str | None = None) -> None:
         msg_id, msg_type = header["msg_id"], header["msg_type"]
         md: Any = None
+        copies: list = []
         try:
             md = self.session.unpack(frames_bytes(rest[3]))
+            if isinstance(md, dict) and "fanout" in md:
+                copies = fanout_pairs(md.pop("fanout"))
             fields = task_fields(md)
         except Exception as e:  # the task is answered, not dropped: its client waits for it
             self.dropped["schema"] += 1
             engine_id = md.get("engine_id") if isinstance(md, dict) else None
-            self._do_FailTask(C.FailTask(ident, msg_id, msg_type, engine_id,
-                                         "InvalidTaskMetadata", f"task {msg_id} was not run: "
-                                         f"{e}"))
+            for eid, mid in [(engine_id, msg_id), *copies]:
+                self._do_FailTask(C.FailTask(ident, mid, msg_type, eid, "InvalidTaskMetadata",
+                                             f"task {mid} was not run: {e}"))
+            return
+        if copies:
+            self._fan_out(ident, header, rest, md, fields, copies, now)
             return
         ev = E.TaskSubmitted(now, msg_id, ident, msg_type, frames=compact(rest),
                              date=epoch(header.get("date")),
                              resubmit_of=resubmit_of, **fields)
         self._execute(self.state.handle(ev))
+
+    def _fan_out(self, ident: bytes, header: dict, rest: list, md: dict, fields: dict,
+                 copies: list, now: float) -> None:
+        """One client message for the same task on several engines (a DirectView's
+        fan-out): each engine's copy gets its own msg_id and engine_id, signed here; the
+        content and buffers are the message's own, shared by all copies."""
+        session, pack, handle = self.session, self.session.pack, self.state.handle
+        parent, content, *buffers = compact([rest[2], *rest[4:]])
+        msg_type, date = header["msg_type"], epoch(header.get("date"))
+        # each copy's header and metadata: the shared JSON with its own first key written
+        # in front (a third of packing each dict again)
+        h_tail = pack({k: v for k, v in header.items() if k != "msg_id"})[1:]
+        m_tail = pack({k: v for k, v in md.items() if k != "engine_id"})[1:]
+        h_sep = b"," if h_tail != b"}" else b""
+        m_sep = b"," if m_tail != b"}" else b""
+        for engine_id, msg_id in [(md.get("engine_id"), header["msg_id"]), *copies]:
+            parts = [b'{"msg_id":' + pack(msg_id) + h_sep + h_tail, parent,
+                     b'{"engine_id":' + pack(engine_id) + m_sep + m_tail, content]
+            ev = E.TaskSubmitted(now, msg_id, ident, msg_type,
+                                 frames=[session.sign(parts), *parts, *buffers], date=date,
+                                 **dict(fields, engine_id=engine_id))
+            self._execute(handle(ev))
 
     def _on_registration(self, frames: list) -> None:
         decoded = self._decode(frames, "registration")

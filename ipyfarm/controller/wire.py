@@ -19,7 +19,8 @@ from .dependencies import DepSpec
 
 log = logging.getLogger("ipyfarm.controller")
 
-__all__ = ["RateLimitedLog", "compact", "epoch", "frames_nbytes", "task_fields"]
+__all__ = ["RateLimitedLog", "compact", "epoch", "fanout_pairs", "frames_nbytes",
+           "task_fields"]
 
 
 def epoch(value: Any) -> float | None:
@@ -112,6 +113,21 @@ def task_fields(md: Any) -> dict:
                 "has, or in the notebook/script itself") from None
         if not callable(out["placement"]):
             raise ValueError("placement must be a callable taking the engine's properties")
+    return out
+
+
+def fanout_pairs(value: Any) -> list[tuple[int, str]]:
+    """The other engines of a fan-out message, ``[[engine_id, msg_id], ...]`` in its
+    metadata, as pairs; ValueError unless each is an int id and a non-empty string."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"fanout must be a non-empty list of [engine_id, msg_id] pairs, "
+                         f"not {value!r:.80}")
+    out = []
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int)
+                and not isinstance(pair[0], bool) and isinstance(pair[1], str) and pair[1]):
+            raise ValueError(f"fanout entries must be [engine_id, msg_id], not {pair!r:.80}")
+        out.append((pair[0], pair[1]))
     return out
 
 
