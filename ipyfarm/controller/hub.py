@@ -4,18 +4,20 @@ One thread runs :meth:`Hub.run`. Payload frames are received without copies and
 forwarded unchanged; only headers are decoded. Nothing the hub receives is
 unpickled. Bad input (wrong signature, garbage frames, unknown types) is
 dropped and counted, with a rate-limited log line.
+
+The hub's other halves are mixins: :mod:`.requests` answers clients' requests,
+:mod:`.relay` passes engines' output and comms on, :mod:`.effects` carries out the state
+machine's commands.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
 import secrets
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import zmq
@@ -24,7 +26,6 @@ from .. import curve
 from ..protocol.sizes import DEFAULT_MAX_MESSAGE_BYTES, REGISTRATION_MAX_BYTES
 from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
-    DELIM,
     FarmSession,
     Parsed,
     SignatureError,
@@ -35,7 +36,9 @@ from ..protocol.session import (
 from . import commands as C
 from . import events as E
 from .db import MemoryTaskDB
+from .effects import CommandEffects
 from .poller import SocketPoller, recv_frames
+from .relay import COMM_TYPES, OutputRelay
 from .requests import ClientRequests
 from .state import ControllerState
 from .wire import RateLimitedLog, compact, epoch, fanout_pairs, frames_nbytes, task_fields
@@ -43,10 +46,6 @@ from .wire import RateLimitedLog, compact, epoch, fanout_pairs, frames_nbytes, t
 log = logging.getLogger("ipyfarm.controller")
 
 TASK_TYPES = frozenset({"execute_request", "apply_request"})
-COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
-IOPUB_RELAYED = frozenset(
-    {"stream", "display_data", "update_display_data", "execute_result", "error", "clear_output"}
-)
 
 
 def _curve_keys(ip: str, wanted: bool | None) -> tuple[str, str] | None:
@@ -58,32 +57,7 @@ def _curve_keys(ip: str, wanted: bool | None) -> tuple[str, str] | None:
     return None
 
 
-#: sockets the engine context may hold: three per engine, so ~10,000 engines
-ENGINE_SOCKETS = 32768
-
-
-def engine_context(sockets: int) -> zmq.Context:
-    """A zmq context for up to ``sockets`` sockets, in a process allowed enough files.
-
-    Each engine's sockets cost about two file descriptors each (a mailbox, a TCP
-    connection): the soft limit on open files is raised toward the hard one (a no-op
-    where it is high enough already).
-    """
-    ctx = zmq.Context()
-    ctx.max_sockets = min(sockets, ctx.get(zmq.SOCKET_LIMIT))
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-        if soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ImportError, ValueError, OSError):
-        pass
-    return ctx
-
-
-class Hub(ClientRequests):
+class Hub(ClientRequests, OutputRelay, CommandEffects):
     """Sockets and the event loop around a :class:`ControllerState`."""
 
     def __init__(
@@ -494,214 +468,3 @@ class Hub(ClientRequests):
         parent = self.session.unpack(decoded[1][2].bytes)
         if isinstance(parent, dict):
             self._control_answered(parent.get("msg_id", ""))
-
-    # A hub request that fans out to engines' control channels is answered when every
-    # engine has confirmed (so `rc.clear()` then `apply` sees an empty namespace), or
-    # after CONTROL_TIMEOUT seconds / when the engine is lost.
-    CONTROL_TIMEOUT = 5.0
-
-    def _reply_when_done(self, ident: bytes, header: dict, reply_type: str,
-                         control_ids: list[str]) -> None:
-        if not control_ids:
-            self._reply(ident, header, reply_type, {"status": "ok", "unanswered": []})
-            return
-        group = {"ident": ident, "header": header, "type": reply_type,
-                 "waiting": set(control_ids),
-                 "deadline": time.monotonic() + self.CONTROL_TIMEOUT}
-        for cid in control_ids:
-            self._control_groups[cid] = group
-
-    def _control_answered(self, control_id: str) -> None:
-        group = self._control_groups.pop(control_id, None)
-        self._control_engine.pop(control_id, None)
-        if group is None:
-            return
-        group["waiting"].discard(control_id)
-        if not group["waiting"]:
-            self._reply(group["ident"], group["header"], group["type"],
-                        {"status": "ok", "unanswered": []})
-
-    def _expire_control(self, now: float) -> None:
-        for cid, group in list(self._control_groups.items()):
-            if now >= group["deadline"] and cid in self._control_groups:
-                unanswered = sorted(self._control_engine.get(c, -1) for c in group["waiting"])
-                for c in group["waiting"]:
-                    self._control_groups.pop(c, None)
-                    self._control_engine.pop(c, None)
-                self._reply(group["ident"], group["header"], group["type"],
-                            {"status": "ok", "unanswered": unanswered})
-
-    def _on_iopub(self, frames: list) -> None:
-        topic = frames[0].bytes
-        if topic.endswith((b".status", b".execute_input")) or topic == b"iopub_welcome":
-            return
-        decoded = self._decode(frames, "iopub")
-        if decoded is None:
-            return
-        _, rest, header = decoded
-        if header["msg_type"] in COMM_TYPES:
-            self._relay_comm(header["msg_type"], rest)
-            return
-        if header["msg_type"] not in IOPUB_RELAYED:
-            return
-        parent = self.session.unpack(rest[2].bytes)
-        rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) else None
-        if rec is not None:
-            self._to_client([rec.client_ident, DELIM, *rest])
-
-    def _relay_comm(self, msg_type: str, rest: list) -> None:
-        """An engine's comm message (an ipywidget's, say) to the client that owns the comm."""
-        content = self.session.unpack(rest[4].bytes)
-        comm_id = content.get("comm_id") if isinstance(content, dict) else None
-        if not isinstance(comm_id, str):
-            return
-        if msg_type == "comm_open":
-            parent = self.session.unpack(rest[2].bytes)
-            rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) \
-                else None
-            if rec is None or rec.engine_id is None:
-                return
-            self._comms[comm_id] = (rec.client_ident, rec.engine_id)
-        owner = self._comms.get(comm_id)
-        if owner is None:
-            return
-        if msg_type == "comm_close":
-            del self._comms[comm_id]
-        self._to_client([owner[0], DELIM, *rest])
-
-    def _forward_comm(self, ident: bytes, msg_type: str, rest: list, content: dict) -> None:
-        """A client's comm message for an engine's comm: straight to that engine's shell."""
-        owner = self._comms.get(content.get("comm_id", ""))
-        socks = self._engine_socks.get(owner[1]) if owner else None
-        if socks is None:
-            return
-        send_plain(socks[0], [ident, DELIM, *rest])
-        self.poller.recheck(socks[0])
-        if msg_type == "comm_close":
-            self._comms.pop(content["comm_id"], None)
-
-    # ------------------------------------------------------------------ commands
-    def _execute(self, commands: list) -> None:
-        table = self._command_table
-        for cmd in commands:
-            table[type(cmd)](cmd)
-
-    @functools.cached_property
-    def _command_table(self) -> dict:
-        return {cls: getattr(self, "_do_" + cls.__name__) for cls in vars(C).values()
-                if isinstance(cls, type) and issubclass(cls, C.Command) and cls is not C.Command}
-
-    def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
-        shell = self._engine_socks[cmd.engine_id][0]
-        send_plain(shell, [cmd.client_ident, DELIM, *cmd.frames])
-        self.poller.recheck(shell)
-
-    def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
-        if cmd.decoded is not None:
-            deliver = self._local.get(cmd.client_ident)
-            if deliver is not None:
-                deliver(cmd.decoded)
-                return
-        self._to_client([cmd.client_ident, DELIM, *cmd.frames])
-
-    def _do_FailTask(self, cmd: C.FailTask) -> None:
-        reply_type = cmd.msg_type.replace("_request", "_reply")
-        err = {
-            "status": cmd.status, "ename": cmd.ename, "evalue": cmd.evalue, "traceback": [],
-            "engine_info": {"engine_id": cmd.engine_id, "method": cmd.msg_type[:-8]},
-        }
-        md = {"engine_id": cmd.engine_id, "status": cmd.status, "msg_type": reply_type,
-              "error": err if cmd.status == "error" else None}
-        parent = {"msg_id": cmd.msg_id, "msg_type": cmd.msg_type}
-        self._send_to_client(cmd.client_ident, reply_type, err, parent=parent, metadata=md)
-
-    def _do_ConnectEngine(self, cmd: C.ConnectEngine) -> None:
-        ci = cmd.info.get("connection_info", {})
-        transport, ip = ci.get("transport", "tcp"), ci.get("ip", "127.0.0.1")
-
-        def url(port: Any) -> str:
-            return f"tcp://{ip}:{port}" if transport == "tcp" else f"ipc://{ip}-{port}"
-
-        if self.engine_context is None:
-            self.engine_context = engine_context(ENGINE_SOCKETS)
-        shell = self.engine_context.socket(zmq.DEALER)
-        control = self.engine_context.socket(zmq.DEALER)
-        # one SUB per engine, closed when the engine goes: disconnecting an endpoint of
-        # a shared SUB while other engines publish trips libzmq's fair-queue assertion
-        # (`!_more`, fq.cpp) now and then, aborting the whole process
-        iopub = self.engine_context.socket(zmq.SUB)
-        iopub.setsockopt(zmq.SUBSCRIBE, b"")
-        for s in (shell, control, iopub):
-            s.linger = 0
-            s.sndhwm = 0
-            s.rcvhwm = 0
-            curve.connect_as_client(s, self.curve_keys and self.curve_keys[0])
-        shell.connect(url(ci["shell_port"]))
-        control.connect(url(ci["control_port"]))
-        iopub.connect(url(ci["iopub_port"]))
-        self._engine_socks[cmd.engine_id] = (shell, control, iopub)
-        eid = cmd.engine_id
-        self._handlers[shell] = lambda frames: self._on_engine_shell(eid, frames)
-        self._handlers[control] = lambda frames: self._on_engine_control(eid, frames)
-        self._handlers[iopub] = self._on_iopub
-        for s in (shell, control, iopub):
-            self.poller.register(s, zmq.POLLIN)
-
-    def _do_DisconnectEngine(self, cmd: C.DisconnectEngine) -> None:
-        for cid, eid in list(self._control_engine.items()):
-            if eid == cmd.engine_id:
-                self._control_answered(cid)
-        socks = self._engine_socks.pop(cmd.engine_id, None)
-        if socks is None:
-            return
-        for s in socks:
-            self.poller.unregister(s)
-            self._handlers.pop(s, None)
-            s.close(0)
-
-    def _do_ReplyRegistration(self, cmd: C.ReplyRegistration) -> None:
-        self.session.send(self.reg_sock, "registration_reply", cmd.content, ident=cmd.ident)
-
-    def _do_ReplyHeartbeat(self, cmd: C.ReplyHeartbeat) -> None:
-        # every engine beats every period: a reply built from packed parts (a counter
-        # for msg_id) costs a fifth of Session.send's; the same message, signed the same
-        hb = self._hb_parts
-        self._hb_count += 1
-        header = self.session.pack({
-            "msg_id": f"{hb[0]}{self._hb_count}", "msg_type": "heartbeat_reply",
-            "username": self.session.username, "session": self.session.session,
-            "date": datetime.now(timezone.utc).isoformat(), "version": hb[1]})
-        parts = [header, b"{}", b"{}", hb[2] if cmd.known else hb[3]]
-        send_plain(self.reg_sock, [cmd.ident, DELIM, self.session.sign(parts), *parts])
-
-    @functools.cached_property
-    def _hb_parts(self) -> tuple:
-        from jupyter_client.session import protocol_version
-
-        self._hb_count = 0
-        return (f"{self.session.session}-hb-", protocol_version,
-                self.session.pack({"status": "ok"}), self.session.pack({"status": "unknown"}))
-
-    def _do_NotifyClients(self, cmd: C.NotifyClients) -> None:
-        for ident in list(self.state.clients):
-            self._send_to_client(ident, cmd.msg_type, cmd.content)
-
-    def _send_control(self, engine_id: int, msg_type: str, content: dict) -> str | None:
-        socks = self._engine_socks.get(engine_id)
-        if socks is None:
-            return None
-        msg = self.session.send(socks[1], msg_type, content)
-        self.poller.recheck(socks[1])
-        msg_id = msg["header"]["msg_id"] if msg else None
-        if msg_id:
-            self._control_engine[msg_id] = engine_id
-        return msg_id
-
-    def _do_SendControl(self, cmd: C.SendControl) -> None:
-        msg_id = self._send_control(cmd.engine_id, cmd.msg_type, cmd.content)
-        if msg_id:
-            self._sent_control.append(msg_id)
-
-    def _do_KillEngine(self, cmd: C.KillEngine) -> None:
-        if self.on_kill is not None:
-            self.on_kill(cmd.engine_id, cmd.pid)

@@ -182,3 +182,39 @@ class ClientRequests:
                 threading.Thread(target=self.on_shutdown, daemon=True).start()
             else:
                 self._stop.set()
+
+    # A hub request that fans out to engines' control channels is answered when every
+    # engine has confirmed (so `rc.clear()` then `apply` sees an empty namespace), or
+    # after CONTROL_TIMEOUT seconds / when the engine is lost.
+    CONTROL_TIMEOUT = 5.0
+
+    def _reply_when_done(self, ident: bytes, header: dict, reply_type: str,
+                         control_ids: list[str]) -> None:
+        if not control_ids:
+            self._reply(ident, header, reply_type, {"status": "ok", "unanswered": []})
+            return
+        group = {"ident": ident, "header": header, "type": reply_type,
+                 "waiting": set(control_ids),
+                 "deadline": time.monotonic() + self.CONTROL_TIMEOUT}
+        for cid in control_ids:
+            self._control_groups[cid] = group
+
+    def _control_answered(self, control_id: str) -> None:
+        group = self._control_groups.pop(control_id, None)
+        self._control_engine.pop(control_id, None)
+        if group is None:
+            return
+        group["waiting"].discard(control_id)
+        if not group["waiting"]:
+            self._reply(group["ident"], group["header"], group["type"],
+                        {"status": "ok", "unanswered": []})
+
+    def _expire_control(self, now: float) -> None:
+        for cid, group in list(self._control_groups.items()):
+            if now >= group["deadline"] and cid in self._control_groups:
+                unanswered = sorted(self._control_engine.get(c, -1) for c in group["waiting"])
+                for c in group["waiting"]:
+                    self._control_groups.pop(c, None)
+                    self._control_engine.pop(c, None)
+                self._reply(group["ident"], group["header"], group["type"],
+                            {"status": "ok", "unanswered": unanswered})
