@@ -392,3 +392,18 @@ def test_fan_out_with_bad_metadata_fails_every_copy(cluster):
         assert "fanout" in got[first]["evalue"]
     finally:
         sock.close(0)
+
+
+def test_interactive_function_sent_again_after_its_global_changes(rc):
+    # defined the way a notebook defines it: its module is __main__
+    ns = {"__name__": "__main__"}
+    exec("import math\nscale = 2\ndef f(x):\n    return math.sqrt(x) * scale * here\n", ns)
+    rc[:].push({"here": 1}, block=True)
+    assert rc[:].apply_sync(ns["f"], 9) == [6.0, 6.0]
+    ns["scale"] = 5
+    assert rc[:].apply_sync(ns["f"], 9) == [15.0, 15.0]
+    rc[1].push({"here": -1}, block=True)  # names it does not capture resolve on each engine
+    assert rc[:].apply_sync(ns["f"], 9) == [15.0, -15.0]
+    lview = rc.load_balanced_view()
+    assert lview.map_sync(ns["f"], [1, 4], chunksize=1) in ([5.0, 10.0], [5.0, -10.0],
+                                                            [-5.0, 10.0], [-5.0, -10.0])

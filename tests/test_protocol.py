@@ -231,3 +231,98 @@ def test_send_reply_makes_the_message_send_makes(session):
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+def _main_functions(source: str) -> dict:
+    """Functions defined as a notebook defines them: in a namespace called __main__."""
+    ns = {"__name__": "__main__"}
+    exec(source, ns)
+    return ns
+
+
+def _run(frames, namespace=None):
+    f, args, kwargs = serialize.unpack_apply(frames, {} if namespace is None else namespace)
+    return f(*args, **kwargs)
+
+
+def test_interactive_function_pickle_is_reused_while_nothing_it_captures_changed():
+    from ipyfarm.protocol import fncache
+
+    ns = _main_functions("import math\nK = 3\ndef f(x, scale=2):\n    return math.sqrt(x) * K * scale\n")
+    f = ns["f"]
+    first = fncache.pickled(f)
+    assert first is not None and fncache.pickled(f) is first  # reused, not pickled again
+    assert _run(serialize.pack_apply(f, (4,), {})) == 12.0
+    ns["K"] = 10  # a global rebound: pickled again, with the new value
+    assert fncache.pickled(f) is not first
+    assert _run(serialize.pack_apply(f, (4,), {})) == 40.0
+    f.__defaults__ = (1,)
+    assert _run(serialize.pack_apply(f, (4,), {})) == 20.0
+    f.__code__ = _main_functions("def g(x, scale=2):\n    return -x\n")["g"].__code__
+    assert _run(serialize.pack_apply(f, (4,), {})) == -4
+    ns["K"] = (1, "a", None)  # immutable containers count as values too
+    assert fncache.pickled(ns["f"]) is not None
+
+
+def test_functions_capturing_mutable_state_are_pickled_afresh_each_time():
+    from ipyfarm.protocol import fncache
+
+    ns = _main_functions(
+        "data = [1, 2]\n"
+        "def count():\n    return len(data)\n"
+        "def make():\n    box = {'n': 1}\n    def inner():\n        return box['n']\n"
+        "    return inner, box\n"
+        "def helper():\n    return 5\n"
+        "def calls_helper():\n    return helper()\n"
+        "def with_default(x=[]):\n    return len(x)\n"
+    )
+    count, (inner, box) = ns["count"], ns["make"]()
+    for f in (count, inner, ns["calls_helper"], ns["with_default"]):
+        assert fncache.pickled(f) is None, f.__name__
+    assert _run(serialize.pack_apply(count, (), {})) == 2
+    ns["data"].append(3)  # same list object, new content: the engine must see it
+    assert _run(serialize.pack_apply(count, (), {})) == 3
+    box["n"] = 7
+    assert _run(serialize.pack_apply(inner, (), {})) == 7
+    # attributes and annotations are captured too: not cached
+    ns2 = _main_functions("def h(x: int) -> int:\n    return x\n")
+    assert fncache.pickled(ns2["h"]) is None
+    ns3 = _main_functions("def h2():\n    return 1\n")
+    ns3["h2"].tag = []
+    assert fncache.pickled(ns3["h2"]) is None
+
+
+def test_reused_function_pickle_still_resolves_names_on_the_engine():
+    from ipyfarm.protocol import fncache
+
+    ns = _main_functions("def use_a():\n    return a * 2\n")  # `a` exists only remotely
+    f = ns["use_a"]
+    assert fncache.pickled(f) is not None
+    for value in (1, 5):
+        assert _run(serialize.pack_apply(f, (), {}), {"a": value}) == value * 2
+    ns["a"] = 100  # defined here now: captured (and sent) like any global
+    assert _run(serialize.pack_apply(f, (), {}), {}) == 200
+
+
+def test_captured_globals_follow_the_client_unless_set_on_the_engine():
+    ns = _main_functions("threshold = 0.5\ndef over(x):\n    return x > threshold\n")
+    engine_ns = {}
+    assert _run(serialize.pack_apply(ns["over"], (0.6,), {}), engine_ns) is True
+    assert engine_ns["threshold"] == 0.5  # added, as if pushed
+    ns["threshold"] = 0.8  # changed in the notebook: the next task sees it
+    assert _run(serialize.pack_apply(ns["over"], (0.6,), {}), engine_ns) is False
+    assert engine_ns["threshold"] == 0.8
+    engine_ns["threshold"] = 0.1  # set on the engine (a push): that value wins
+    ns["threshold"] = 0.9
+    assert _run(serialize.pack_apply(ns["over"], (0.6,), {}), engine_ns) is True
+    assert engine_ns["threshold"] == 0.1
+
+
+def test_functions_passed_as_arguments_resolve_names_on_the_engine():
+    ns = _main_functions("def scaled(x):\n    return x * factor\n")
+
+    def apply_to(g, *xs, key=None):
+        return [g(x) for x in xs] + ([key(1)] if key else [])
+
+    frames = serialize.pack_apply(apply_to, (ns["scaled"], 1, 2), {"key": ns["scaled"]})
+    assert _run(frames, {"factor": 10}) == [10, 20, 10]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import io
 import pickle
+import types
 from typing import Any
 
 import cloudpickle
+
+from .fncache import pickled
 
 __all__ = [
     "OOB_THRESHOLD",
@@ -77,6 +80,11 @@ class _Pickler(cloudpickle.Pickler):
         t = type(obj)
         if t is memoryview and obj.nbytes >= OOB_THRESHOLD and obj.contiguous:
             return _rebuild_memoryview, (pickle.PickleBuffer(obj),)
+        if t is types.FunctionType and obj.__module__ == "__main__":
+            # an interactive function: its by-value pickle, reused while valid (fncache)
+            data = pickled(obj)
+            if data is not None:
+                return pickle.loads, (data,)
         return super().reducer_override(obj)
 
 
@@ -164,14 +172,38 @@ def pack_apply(f: Any, args: tuple, kwargs: dict) -> list:
 
 
 def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
-    """Rebuild ``(f, args, kwargs)``; resolve References and rebind interactive functions."""
+    """Rebuild ``(f, args, kwargs)``; resolve References and rebind interactive functions:
+    ``f`` and any function passed as an argument (``map`` passes the user's function to
+    its chunk runner), so their global names resolve in the engine's namespace."""
     f, args, kwargs = loads(frames)
     f = bind_interactive(f, namespace)
-    args = tuple(a.resolve(namespace) if isinstance(a, Reference) else a for a in args)
-    kwargs = {
-        k: v.resolve(namespace) if isinstance(v, Reference) else v for k, v in kwargs.items()
-    }
+    args = tuple(_arg(a, namespace) for a in args)
+    kwargs = {k: _arg(v, namespace) for k, v in kwargs.items()}
     return f, args, kwargs
+
+
+def _arg(value: Any, namespace: dict) -> Any:
+    if isinstance(value, Reference):
+        return value.resolve(namespace)
+    if isinstance(value, types.FunctionType):
+        return bind_interactive(value, namespace)
+    return value
+
+
+_MISSING = object()
+#: per namespace (by id; engines keep theirs for life): the values bind_interactive put
+#: there, so that a later call may replace them but never a value set on the engine
+_ADDED: dict[int, dict[str, Any]] = {}
+
+
+def _added_to(namespace: dict) -> dict[str, Any]:
+    """The values :func:`bind_interactive` added to ``namespace`` that it still holds
+    (the others are forgotten, so nothing is kept alive that the namespace dropped)."""
+    added = _ADDED.setdefault(id(namespace), {})
+    gone = [name for name, value in added.items() if namespace.get(name, _MISSING) is not value]
+    for name in gone:
+        del added[name]
+    return added
 
 
 def bind_interactive(f: Any, namespace: dict) -> Any:
@@ -181,10 +213,12 @@ def bind_interactive(f: Any, namespace: dict) -> Any:
     cloudpickle had to send the function by value (a lambda, a nested function, a
     module the engine lacks): its global names resolve in the engine's namespace.
     Globals it captured on the client that the engine lacks are added to it, as if
-    pushed. Functions of importable modules keep their module's globals.
+    pushed; a name that holds such an added value still gets the value each later call
+    brings (change ``threshold`` in the notebook, and the next task sees the change),
+    while a value set on the engine itself (push, execute, a task) wins. Functions of
+    importable modules keep their module's globals.
     """
     import sys
-    import types
 
     if not isinstance(f, types.FunctionType):
         return f
@@ -193,9 +227,13 @@ def bind_interactive(f: Any, namespace: dict) -> Any:
         return f
     if f.__globals__ is namespace:
         return f
+    added = _added_to(namespace)
     for name, value in f.__globals__.items():
-        if name not in namespace and not name.startswith("__"):
-            namespace[name] = value
+        if name.startswith("__"):
+            continue
+        current = namespace.get(name, _MISSING)
+        if current is _MISSING or (current is added.get(name, _MISSING) and current is not value):
+            namespace[name] = added[name] = value
     g = types.FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, f.__closure__)
     g.__kwdefaults__ = f.__kwdefaults__
     g.__dict__.update(f.__dict__)
