@@ -316,6 +316,10 @@ def test_captured_globals_follow_the_client_unless_set_on_the_engine():
     ns["threshold"] = 0.9
     assert _run(serialize.pack_apply(ns["over"], (0.6,), {}), engine_ns) is True
     assert engine_ns["threshold"] == 0.1
+    serialize.forget_added(engine_ns)  # what clearing an engine's namespace does
+    engine_ns.clear()
+    assert _run(serialize.pack_apply(ns["over"], (0.6,), {}), engine_ns) is False
+    assert engine_ns["threshold"] == 0.9
 
 
 def test_functions_passed_as_arguments_resolve_names_on_the_engine():

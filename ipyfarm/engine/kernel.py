@@ -38,7 +38,12 @@ from ipyfarm.engine import ops
 from ipyfarm.engine.capture import Captured, EngineSession, OutputCapture
 from ipyfarm.protocol.messages import SchemaError, validate
 from ipyfarm.protocol.session import frames_bytes, iso_now
-from ipyfarm.protocol.serialize import SerializationError, dumps, unpack_apply
+from ipyfarm.protocol.serialize import (
+    SerializationError,
+    dumps,
+    forget_added,
+    unpack_apply,
+)
 
 __all__ = ["FarmKernel"]
 
@@ -369,6 +374,7 @@ class FarmKernel(IPythonKernel):
         self.session.send(stream, "clear_reply", {"status": "ok"}, parent, ident=ident)
 
     def clear_namespace(self) -> None:
+        forget_added(self.shell.user_ns)
         self.shell.reset(new_session=False)
 
     def signal_request(self, stream: Any, ident: list, parent: dict) -> None:

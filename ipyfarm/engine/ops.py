@@ -72,7 +72,11 @@ def pull(names: str | list | tuple) -> Any:
 
 def clear() -> None:
     """Empty the user namespace (IPython's own names stay)."""
-    _shell().reset(new_session=False)
+    from ipyfarm.protocol.serialize import forget_added
+
+    shell = _shell()
+    forget_added(shell.user_ns)
+    shell.reset(new_session=False)
 
 
 def execute(code: str) -> None:

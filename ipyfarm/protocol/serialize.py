@@ -206,6 +206,12 @@ def _added_to(namespace: dict) -> dict[str, Any]:
     return added
 
 
+def forget_added(namespace: dict) -> None:
+    """Drop the record of values :func:`bind_interactive` added to ``namespace`` (call it
+    when the namespace is emptied, so that nothing it held stays alive here)."""
+    _ADDED.pop(id(namespace), None)
+
+
 def bind_interactive(f: Any, namespace: dict) -> Any:
     """Functions defined interactively see the engine's namespace.
 
