@@ -407,3 +407,13 @@ def test_interactive_function_sent_again_after_its_global_changes(rc):
     lview = rc.load_balanced_view()
     assert lview.map_sync(ns["f"], [1, 4], chunksize=1) in ([5.0, 10.0], [5.0, -10.0],
                                                             [-5.0, 10.0], [-5.0, -10.0])
+
+
+def test_switch_interval_is_short_while_the_client_runs(rc):
+    import sys
+
+    from ipyfarm import switching
+
+    # the controller's and the client's threads of this process hold it lowered
+    assert sys.getswitchinterval() <= switching.DEFAULT + 1e-9
+    assert switching._users >= 1

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .. import curve
+from .. import curve, switching
 
 log = logging.getLogger("ipyfarm.client")
 
@@ -114,6 +114,7 @@ class ClientIO(threading.Thread):
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
         sock = self.sock
+        switching.enter()  # see ipyfarm.switching: results keep flowing past busy threads
         try:
             while not self._stopping:
                 events = dict(poller.poll())
@@ -140,6 +141,7 @@ class ClientIO(threading.Thread):
                         except Exception:
                             log.exception("ipyfarm client: error handling a message")
         finally:
+            switching.leave()
             for s in (self.sock, self._wake_pull):
                 s.close(0)
             with self._wake_lock:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .. import curve
+from .. import curve, switching
 from ..protocol.sizes import DEFAULT_MAX_MESSAGE_BYTES, REGISTRATION_MAX_BYTES
 from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
@@ -227,6 +227,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
     def run(self) -> None:
         timer_every = min(0.5, self.state.heartbeat_period)
         next_timer = time.monotonic() + timer_every
+        switching.enter()  # a busy thread of this process must not starve this one
         try:
             while not self._stop.is_set():
                 wake = next_timer
@@ -265,6 +266,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                         flush()
                     next_timer = now + timer_every
         finally:
+            switching.leave()
             self._close()
             self.stopped.set()
 
