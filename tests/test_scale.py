@@ -143,7 +143,7 @@ def test_socket_poller_reports_what_arrives_and_what_it_is_told_to_look_at_again
         ready = {s for s, _ in poller.poll(1000)}
         assert ready == {pulls[3], pulls[17], pulls[42]}
         for i in (3, 17):
-            assert [f.bytes for f in recv_frames(pulls[i])] == [b"a", b"b"]
+            assert recv_frames(pulls[i]) == [b"a", b"b"]
             with pytest.raises(zmq.Again):
                 recv_frames(pulls[i])
         # 42 was not drained: its signal is spent, so only a recheck or a sweep finds it

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .. import curve, switching
+from .. import curve, directzmq, switching
 
 log = logging.getLogger("ipyfarm.client")
 
@@ -71,7 +71,7 @@ class ClientIO(threading.Thread):
         if len(inbox) == 1:  # append first: see Hub.post_client
             with self._wake_lock:
                 if not self._stopping:
-                    self._wake.send(b"")
+                    directzmq.send(self._wake, [b""])  # keeps the hub thread's GIL
 
     def send(self, frames: list, track: bool = False) -> Any:
         """Send ``frames`` to the controller; returns a MessageTracker when tracking."""
@@ -88,13 +88,7 @@ class ClientIO(threading.Thread):
             out = self.out
             if track:
                 return out.send_multipart(frames, copy=False, track=True)
-            last = len(frames) - 1
-            more = zmq.SNDMORE.value
-            for i, frame in enumerate(frames):
-                if isinstance(frame, bytes) and len(frame) < 65536:
-                    out.send(frame, 0 if i == last else more)
-                else:
-                    out.send(frame, 0 if i == last else more, copy=False)
+            directzmq.send(out, frames)
             return None
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -121,7 +115,7 @@ class ClientIO(threading.Thread):
                 if self._wake_pull in events:
                     while True:
                         try:
-                            self._wake_pull.recv(zmq.NOBLOCK)
+                            directzmq.recv(self._wake_pull)
                         except zmq.Again:
                             break
                 inbox = self._inbox
@@ -133,7 +127,7 @@ class ClientIO(threading.Thread):
                 if sock in events:
                     for _ in range(1024):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = directzmq.recv(sock)  # without giving up the GIL
                         except zmq.Again:
                             break
                         try:

@@ -16,7 +16,8 @@ from typing import Any
 import zmq
 
 from .. import curve
-from ..protocol.session import DELIM, send_plain
+from ..directzmq import send as send_plain
+from ..protocol.session import DELIM
 from . import commands as C
 
 __all__ = ["CommandEffects", "ENGINE_SOCKETS", "engine_context"]

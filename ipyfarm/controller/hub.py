@@ -23,6 +23,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import curve, switching
+from ..directzmq import send as send_plain
 from ..protocol.sizes import DEFAULT_MAX_MESSAGE_BYTES, REGISTRATION_MAX_BYTES
 from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
@@ -30,7 +31,6 @@ from ..protocol.session import (
     Parsed,
     SignatureError,
     frames_bytes,
-    send_plain,
     split_identities,
 )
 from . import commands as C
@@ -197,7 +197,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         # appending races with the hub's last look)
         if len(inbox) == 1:
             with self._post_lock:
-                self.wake_push.send(b"", zmq.NOBLOCK)
+                send_plain(self.wake_push, [b""])  # directzmq: the poster keeps the GIL
 
     def _to_client(self, frames: list) -> None:
         """``[ident, DELIM, ...]`` to a client: queued for one of this process, else sent."""
@@ -441,9 +441,9 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         if decoded is None:
             return
         idents, rest, header = decoded
-        parent = self.session.unpack(rest[2].bytes)
-        content = self.session.unpack(rest[4].bytes)
-        md = self.session.unpack(rest[3].bytes)
+        parent = self.session.unpack(frames_bytes(rest[2]))
+        content = self.session.unpack(frames_bytes(rest[4]))
+        md = self.session.unpack(frames_bytes(rest[3]))
         msg_id = parent.get("msg_id") if isinstance(parent, dict) else None
         if msg_id is None:
             self.dropped["malformed"] += 1
@@ -467,6 +467,6 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         decoded = self._decode(frames, f"engine {engine_id} control")
         if decoded is None:
             return
-        parent = self.session.unpack(decoded[1][2].bytes)
+        parent = self.session.unpack(frames_bytes(decoded[1][2]))
         if isinstance(parent, dict):
             self._control_answered(parent.get("msg_id", ""))

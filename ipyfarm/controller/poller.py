@@ -26,22 +26,18 @@ from typing import Any
 
 import zmq
 
+from .. import directzmq
+
 __all__ = ["SocketPoller", "recv_frames"]
 
 _POLLIN = zmq.POLLIN
-_NOBLOCK = zmq.NOBLOCK.value
 
 
 def recv_frames(sock: Any) -> list:
-    """The next whole message on ``sock`` as zmq Frames, without blocking (zmq.Again if
-    none). Half the cost of ``recv_multipart``, which asks RCVMORE of the socket (with
-    enum conversions) after every frame instead of reading the frame's own flag."""
-    frame = sock.recv(_NOBLOCK, copy=False)
-    frames = [frame]
-    while frame.more:
-        frame = sock.recv(_NOBLOCK, copy=False)
-        frames.append(frame)
-    return frames
+    """The next whole message on ``sock``, without blocking (zmq.Again if none): small
+    frames as bytes, big ones as zero-copy views, received without giving up the GIL
+    (:mod:`ipyfarm.directzmq`; zmq Frames where that is not available)."""
+    return directzmq.recv(sock)
 
 
 class SocketPoller:

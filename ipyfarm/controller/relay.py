@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..protocol.session import DELIM, send_plain
+from ..directzmq import send as send_plain
+from ..protocol.session import DELIM, frames_bytes
 
 __all__ = ["COMM_TYPES", "IOPUB_RELAYED", "OutputRelay"]
 
@@ -32,7 +33,7 @@ class OutputRelay:
     _engine_socks: dict
 
     def _on_iopub(self, frames: list) -> None:
-        topic = frames[0].bytes
+        topic = frames_bytes(frames[0])
         if topic.endswith((b".status", b".execute_input")) or topic == b"iopub_welcome":
             return
         decoded = self._decode(frames, "iopub")
@@ -44,19 +45,19 @@ class OutputRelay:
             return
         if header["msg_type"] not in IOPUB_RELAYED:
             return
-        parent = self.session.unpack(rest[2].bytes)
+        parent = self.session.unpack(frames_bytes(rest[2]))
         rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) else None
         if rec is not None:
             self._to_client([rec.client_ident, DELIM, *rest])
 
     def _relay_comm(self, msg_type: str, rest: list) -> None:
         """An engine's comm message (an ipywidget's, say) to the client that owns the comm."""
-        content = self.session.unpack(rest[4].bytes)
+        content = self.session.unpack(frames_bytes(rest[4]))
         comm_id = content.get("comm_id") if isinstance(content, dict) else None
         if not isinstance(comm_id, str):
             return
         if msg_type == "comm_open":
-            parent = self.session.unpack(rest[2].bytes)
+            parent = self.session.unpack(frames_bytes(rest[2]))
             rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) \
                 else None
             if rec is None or rec.engine_id is None:

@@ -490,7 +490,7 @@ def load_client(url: str, key: bytes, tasks: int, window: int = 2000,
                     break
                 _, rest = split_identities(frames)
                 done += 1
-                if b'"status":"ok"' not in rest[4].bytes.replace(b" ", b""):
+                if b'"status":"ok"' not in frames_bytes(rest[4]).replace(b" ", b""):
                     errors += 1
     finally:
         sock.close(0)
