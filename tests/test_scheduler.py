@@ -147,6 +147,15 @@ def test_twobin_and_weighted_pick_among_candidates_with_one_engine():
         assert get_scheme(name)([Slot(3, 0, 0)], random.Random()).engine_id == 3
 
 
+def test_weighted_draws_with_weights_one_over_one_plus_load():
+    # weights 1 and 1/4: the busier engine wins only when both draws pick it,
+    # (0.25 / 1.25) ** 2 = 4% of the time
+    pick, rng = get_scheme("weighted"), random.Random(7)
+    slots = [Slot(0, 0, 0), Slot(1, 3, 0)]
+    busy = sum(pick(slots, rng).engine_id == 1 for _ in range(20_000))
+    assert 0.03 < busy / 20_000 < 0.05, busy
+
+
 def test_unknown_scheme_names_the_valid_ones():
     with pytest.raises(ValueError, match="leastload"):
         ControllerState(scheme="fastest")

@@ -20,31 +20,13 @@ from .engines import EngineState
 from .jobs import READY, RUNNING, Job
 from .jobs import WAITING as PHASE_WAITING
 from .placement import candidates, unreachable_text
+from .views import StateFields
 
 __all__ = ["Scheduling", "dep_ids", "remove_engine"]
 
 
-class Scheduling:
+class Scheduling(StateFields):
     """Placement and queueing rules of the state machine (a mixin)."""
-
-    engines: dict
-    pending: dict
-    ready: Any
-    waiting: dict
-    db: Any
-    hwm: int
-    scheme: Any
-    rng: Any
-    limits: Any
-    _now: float
-    _live: list
-    _roomy: dict
-    _roomy_sorted: Any
-    _by_load: list
-    _heaped: bool
-    _dependents: dict
-    _deadlines: list
-    _dispatches: int
 
     def _outcome(self, msg_id: str) -> str:
         if msg_id in self.pending:

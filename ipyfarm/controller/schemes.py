@@ -18,6 +18,8 @@ outstanding task count, ``last_used`` the dispatch counter when it last got work
 from __future__ import annotations
 
 import random
+from bisect import bisect
+from itertools import accumulate
 from typing import Any, Callable, NamedTuple, Sequence
 
 __all__ = ["SCHEMES", "Slot", "get_scheme"]
@@ -56,10 +58,15 @@ def twobin(slots: Sequence[Any], rng: random.Random) -> Any:
 
 
 def weighted(slots: Sequence[Any], rng: random.Random) -> Any:
-    if len(slots) == 1:
+    n = len(slots)
+    if n == 1:
         return slots[0]
-    # two draws with weights 1/(1 + load) (random.choices: cumulative weights, bisect)
-    a, b = rng.choices(slots, weights=[1.0 / (1 + s.load) for s in slots], k=2)
+    # two draws with weights 1/(1 + load): cumulative weights and bisect, as
+    # random.choices does, without its argument handling (a third of this scheme's cost)
+    cum = list(accumulate([1.0 / (1 + s.load) for s in slots]))
+    total, last, rnd = cum[-1], n - 1, rng.random
+    a = slots[bisect(cum, rnd() * total, 0, last)]
+    b = slots[bisect(cum, rnd() * total, 0, last)]
     if (b.load, b.last_used, b.engine_id) < (a.load, a.last_used, a.engine_id):
         return b
     return a

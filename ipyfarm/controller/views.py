@@ -12,11 +12,13 @@ from typing import Any
 from .db import PENDING, TaskRecord
 from .jobs import RUNNING
 
-__all__ = ["StateViews"]
+__all__ = ["StateFields", "StateViews"]
 
 
-class StateViews:
-    """Read-only views of :class:`~ipyfarm.controller.state.ControllerState` (a mixin)."""
+class StateFields:
+    """The attributes of :class:`~ipyfarm.controller.state.ControllerState` that its
+    mixins (:class:`StateViews`, :class:`~ipyfarm.controller.scheduling.Scheduling`) use,
+    declared once for readers and type checkers."""
 
     engines: dict
     pending: dict
@@ -25,14 +27,23 @@ class StateViews:
     db: Any
     hwm: int
     finished: Any
+    scheme: Any
     scheme_name: str
+    rng: Any
+    limits: Any
     _live: list
     _roomy: dict
     _roomy_sorted: list | None
     _heaped: bool
     _by_load: list
+    _dependents: dict
+    _deadlines: list
     _dispatches: int
     _now: float
+
+
+class StateViews(StateFields):
+    """Read-only views of :class:`~ipyfarm.controller.state.ControllerState` (a mixin)."""
 
     def live_ids(self) -> list[int]:
         return [e.engine_id for e in self._live]  # sorted, whatever the registration order
