@@ -67,6 +67,7 @@ def _load() -> Any:
         # no argtypes (their conversions double a call's cost): every argument is passed
         # as a ctypes object of the C type, or a bytes (const void *) or int (int flags)
         lib.zmq_msg_data.restype = ctypes.c_void_p
+        lib.zmq_msg_size.restype = ctypes.c_size_t
         return lib
     except (OSError, AttributeError):
         return None
@@ -137,17 +138,20 @@ def recv(sock: Any) -> list:
         slot = _local.slot = _Slot(lib)
     msg = slot.msg
     handle = ctypes.c_void_p(sock.underlying)
-    zrecv, data, string_at = lib.zmq_msg_recv, lib.zmq_msg_data, ctypes.string_at
+    zrecv, data, msg_size = lib.zmq_msg_recv, lib.zmq_msg_data, lib.zmq_msg_size
+    string_at = ctypes.string_at
     frames: list = []
     while True:
-        size = zrecv(msg, handle, _DONTWAIT)
-        if size < 0:
+        if zrecv(msg, handle, _DONTWAIT) == -1:
             code = lib.zmq_errno()
             if code == _errno.EINTR:
                 continue
             if not frames:
                 raise _error(code)
             raise zmq.ZMQError(code)  # mid-message: libzmq delivers parts together
+        # the size from zmq_msg_size: zmq_msg_recv's return value is an int, which a
+        # frame of 2 GiB or more overflows
+        size = msg_size(msg)
         more = lib.zmq_msg_more(msg)
         if size < BIG:
             frames.append(string_at(data(msg), size))
