@@ -284,9 +284,19 @@ def test_functions_capturing_mutable_state_are_pickled_afresh_each_time():
     assert _run(serialize.pack_apply(count, (), {})) == 3
     box["n"] = 7
     assert _run(serialize.pack_apply(inner, (), {})) == 7
-    # attributes and annotations are captured too: not cached
-    ns2 = _main_functions("def h(x: int) -> int:\n    return x\n")
-    assert fncache.pickled(ns2["h"]) is None
+    # attributes and annotations are captured too: cached only while they are plain
+    ns2 = _main_functions("import numpy\ndef h(x: int) -> 'int':\n    return x\n"
+                          "def h3(x: numpy.ndarray):\n    return x\n")
+    before = fncache.pickled(ns2["h"])
+    assert before is not None and fncache.pickled(ns2["h"]) is before
+    ns2["h"].__annotations__["x"] = "str"  # changed in place: pickled again
+    after = fncache.pickled(ns2["h"])
+    assert after is not before and after is fncache.pickled(ns2["h"])
+    import pickle
+
+    assert pickle.loads(after).__annotations__["x"] == "str"
+    assert _run(serialize.pack_apply(ns2["h"], (5,), {})) == 5
+    assert fncache.pickled(ns2["h3"]) is None  # a class from a module: not assumed fixed
     ns3 = _main_functions("def h2():\n    return 1\n")
     ns3["h2"].tag = []
     assert fncache.pickled(ns3["h2"]) is None

@@ -12,8 +12,9 @@ and gives them again while the function could only pickle to the same bytes:
   reused by another object).
 
 A function that names anything else (a list, a dict, an array, another function of
-``__main__``), or has attributes or annotations, is never cached: it is pickled afresh for
-every task, as before, since its captured state may change without its identity changing.
+``__main__``), has attributes, or annotations other than strings and builtin types, is
+never cached: it is pickled afresh for every task, as before, since its captured state
+may change without its identity changing.
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
 def _captured(f: types.FunctionType) -> list | None:
     """What cloudpickle would capture of ``f``, if all of it is immutable or a module;
     else None."""
-    if f.__dict__ or f.__annotations__:
+    if f.__dict__:
         return None
     out: list = [f.__code__, f.__name__, f.__qualname__, f.__doc__]
+    for name, value in f.__annotations__.items():  # strings, or builtin types like int
+        if not (_immutable(value) or (type(value) is type and value.__module__ == "builtins")):
+            return None
+        out += (name, value)
     for value in (f.__defaults__ or ()):
         if not _immutable(value):
             return None
