@@ -28,9 +28,11 @@ from typing import Any
 
 import zmq
 
+from .protocol.session import COPY_THRESHOLD, send_plain
+
 __all__ = ["BIG", "available", "recv", "send"]
 
-BIG = 65536
+BIG = COPY_THRESHOLD  # frames this big travel zero-copy, as everywhere else
 _DONTWAIT = 1
 _SNDMORE = 2
 _MSG_T = ctypes.c_uint64 * 8  # zmq_msg_t: 64 bytes, 8-aligned
@@ -85,15 +87,10 @@ def _error(code: int) -> zmq.ZMQError:
 def send(sock: Any, frames: list, copy_threshold: int = BIG) -> None:
     """Send ``frames`` as one multipart message on ``sock`` (owned by this thread)."""
     lib = _lib
-    last = len(frames) - 1
     if lib is None:
-        for i, frame in enumerate(frames):
-            flags = 0 if i == last else _SNDMORE
-            if isinstance(frame, bytes):
-                sock.send(frame, flags)
-            else:
-                sock.send(frame, flags, copy=len(frame) < copy_threshold)
+        send_plain(sock, frames, copy_threshold)
         return
+    last = len(frames) - 1
     handle = ctypes.c_void_p(sock.underlying)
     zsend, size_t = lib.zmq_send, ctypes.c_size_t
     for i, frame in enumerate(frames):

@@ -10,14 +10,12 @@ apart from :mod:`.hub`, which receives and decodes; this module only sends.
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timezone
 from typing import Any
 
 import zmq
 
-from .. import curve
-from ..directzmq import send as send_plain
-from ..protocol.session import DELIM
+from .. import curve, directzmq
+from ..protocol.session import DELIM, iso_now
 from . import commands as C
 
 __all__ = ["CommandEffects", "ENGINE_SOCKETS", "engine_context"]
@@ -78,7 +76,7 @@ class CommandEffects:
 
     def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
         shell = self._engine_socks[cmd.engine_id][0]
-        send_plain(shell, [cmd.client_ident, DELIM, *cmd.frames])
+        directzmq.send(shell, [cmd.client_ident, DELIM, *cmd.frames])
         self.poller.recheck(shell)
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
@@ -155,9 +153,9 @@ class CommandEffects:
         header = self.session.pack({
             "msg_id": f"{hb[0]}{self._hb_count}", "msg_type": "heartbeat_reply",
             "username": self.session.username, "session": self.session.session,
-            "date": datetime.now(timezone.utc).isoformat(), "version": hb[1]})
+            "date": iso_now(), "version": hb[1]})
         parts = [header, b"{}", b"{}", hb[2] if cmd.known else hb[3]]
-        send_plain(self.reg_sock, [cmd.ident, DELIM, self.session.sign(parts), *parts])
+        directzmq.send(self.reg_sock, [cmd.ident, DELIM, self.session.sign(parts), *parts])
 
     @functools.cached_property
     def _hb_parts(self) -> tuple:

@@ -22,8 +22,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .. import curve, switching
-from ..directzmq import send as send_plain
+from .. import curve, directzmq, switching
 from ..protocol.sizes import DEFAULT_MAX_MESSAGE_BYTES, REGISTRATION_MAX_BYTES
 from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
@@ -172,7 +171,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         """Hand an event to the hub from any thread."""
         self._posted.append(event)
         with self._post_lock:
-            self.wake_push.send(b"", zmq.NOBLOCK)
+            directzmq.send(self.wake_push, [b""])
 
     def attach_local(self, ident: bytes, deliver: Callable[[list], None]) -> Callable[[list], None]:
         """Serve a client of this process without sockets.
@@ -197,7 +196,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         # appending races with the hub's last look)
         if len(inbox) == 1:
             with self._post_lock:
-                send_plain(self.wake_push, [b""])  # directzmq: the poster keeps the GIL
+                directzmq.send(self.wake_push, [b""])  # the poster keeps the GIL
 
     def _to_client(self, frames: list) -> None:
         """``[ident, DELIM, ...]`` to a client: queued for one of this process, else sent."""
@@ -205,7 +204,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         if deliver is not None:
             deliver(frames[1:])
         else:
-            send_plain(self.client_sock, frames)
+            directzmq.send(self.client_sock, frames)
 
     def _send_to_client(self, ident: bytes, msg_type: str, content: dict,
                         parent: dict | None = None, metadata: dict | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..directzmq import send as send_plain
+from .. import directzmq
 from ..protocol.session import DELIM, frames_bytes
 
 __all__ = ["COMM_TYPES", "IOPUB_RELAYED", "OutputRelay"]
@@ -76,7 +76,7 @@ class OutputRelay:
         socks = self._engine_socks.get(owner[1]) if owner else None
         if socks is None:
             return
-        send_plain(socks[0], [ident, DELIM, *rest])
+        directzmq.send(socks[0], [ident, DELIM, *rest])
         self.poller.recheck(socks[0])
         if msg_type == "comm_close":
             self._comms.pop(content["comm_id"], None)
