@@ -448,6 +448,33 @@ def test_apply_behind_an_async_cell_waits_for_it(engine):
     assert all(r["parent_header"]["msg_id"] == m for r, m in zip(got, ids, strict=True))
 
 
+def test_burst_of_mixed_requests_is_read_directly_and_kept_in_order(engine):
+    """The engine drains its shell socket itself (not one message per loop turn through
+    the ZMQStream); executes and applies sent back to back still run in order."""
+    ids = []
+    for i in range(10):
+        ids.append(engine.send(engine.shell, "apply_request", {},
+                               pack_apply(ops.push, ({"burst": i},), {})))
+        ids.append(engine.send(engine.shell, "execute_request", {
+            "code": f"burst = burst * 10 + {i}", "silent": False, "stop_on_error": False}))
+        ids.append(engine.send(engine.shell, "apply_request", {},
+                               pack_apply(ops.pull, ("burst",), {})))
+    replies = [engine.reply(engine.shell, m) for m in ids]
+    assert all(r["content"]["status"] == "ok" for r in replies), [r["content"] for r in replies]
+    assert [loads(replies[3 * i + 2]["buffers"]) for i in range(10)] == [
+        i * 10 + i for i in range(10)]
+    reader = engine.apply_value(_shell_reader_name)
+    assert reader == "on_events", reader
+
+
+def _shell_reader_name():
+    from ipyfarm.engine import ops as engine_ops
+
+    stream = engine_ops._kernel.shell_stream
+    fd = stream.socket.getsockopt(zmq.FD)
+    return stream.io_loop.handlers[fd][1].__name__
+
+
 def test_forged_and_garbage_messages_are_dropped(engine):
     forged = engine.session.msg("apply_request", {})
     frames = engine.session.serialize(forged)

@@ -215,6 +215,8 @@ class EngineSession(FarmSession):
     def feed_identities(self, msg_list: list, copy: bool = True) -> tuple[list, list]:
         """Like Session's, but a message without a delimiter becomes ``([], [])``, which
         ``deserialize`` rejects: ipykernel calls this outside its error handling."""
+        if msg_list and type(msg_list[0]) is bytes:
+            copy = True  # frames already bytes (the engine's direct shell reader)
         try:
             return super().feed_identities(msg_list, copy)
         except ValueError:

@@ -124,11 +124,63 @@ class FarmKernel(IPythonKernel):
         def on_shell(msg: list) -> Any:
             if self._queued_shell or not _is_apply_frames(msg):
                 self._queued_shell += 1
+                if msg and type(msg[0]) is not zmq.Frame:  # from the direct reader
+                    msg = [zmq.Frame(f) for f in msg]
                 return queued(msg)  # ZMQStream schedules the coroutine
             self._apply_now(msg)
             return None
 
         self.shell_stream.on_recv(on_shell, copy=False)
+        self._read_shell_directly(on_shell)
+
+    def _read_shell_directly(self, on_shell: Any) -> None:
+        """Take the shell socket's readable events before its ZMQStream does.
+
+        The stream reads one message per event loop turn (and asks the socket its
+        state, as enum flags, several times for each): for an apply_request that costs
+        about as much as running it. Here each event drains the socket through
+        :mod:`ipyfarm.directzmq` (bytes frames, the GIL kept) into the same ``on_shell``;
+        the stream still runs when it has replies of ipykernel's path to send, and
+        keeps its own reading as the fallback for anything left. Nothing changes where
+        the event loop is not tornado's asyncio one, or directzmq is unavailable.
+        """
+        from ipyfarm import directzmq
+
+        stream = self.shell_stream
+        handlers = getattr(stream.io_loop, "handlers", None)
+        if not directzmq.available or not isinstance(handlers, dict):
+            return
+        sock = stream.socket
+        fd = sock.getsockopt(zmq.FD)
+        entry = handlers.get(fd)
+        if entry is None:
+            return
+        fileobj, stream_handler = entry
+        try_recv = directzmq.try_recv
+        log = self.log
+
+        def logged(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                log.error("Exception handling a shell message", exc_info=future.exception())
+
+        def on_events(fd_: Any, events: int) -> None:
+            for _ in range(256):  # then give the loop a turn; the stream looks again
+                try:
+                    frames = try_recv(sock)
+                except zmq.ZMQError:
+                    break
+                if frames is None:
+                    break
+                try:
+                    pending = on_shell(frames)
+                except Exception:
+                    log.error("Exception handling a shell message", exc_info=True)
+                    continue
+                if pending is not None:  # ipykernel's path: a coroutine, as the stream
+                    asyncio.ensure_future(pending).add_done_callback(logged)
+            stream_handler(fd_, events)
+
+        handlers[fd] = (fileobj, on_events)
 
     def _apply_now(self, msg: list) -> None:
         """What ``dispatch_shell`` does for an apply_request, without the event loop."""
@@ -437,11 +489,11 @@ def _is_apply_frames(msg: list) -> bool:
     Only routing: the message is verified when it is deserialized, on either path.
     """
     for i, frame in enumerate(msg[:16]):  # identities come first, and are few
-        if len(frame) == len(_DELIM) and frame.bytes == _DELIM:
+        if len(frame) == len(_DELIM) and frames_bytes(frame) == _DELIM:
             if len(msg) < i + 6:
                 return False
             try:
-                header = json.loads(msg[i + 2].bytes)
+                header = json.loads(frames_bytes(msg[i + 2]))
             except ValueError:
                 return False
             return (isinstance(header, dict) and header.get("msg_type") == "apply_request"
