@@ -30,7 +30,7 @@ import zmq
 
 from .protocol.session import COPY_THRESHOLD, send_plain
 
-__all__ = ["BIG", "available", "recv", "send"]
+__all__ = ["BIG", "available", "recv", "send", "try_recv"]
 
 BIG = COPY_THRESHOLD  # frames this big travel zero-copy, as everywhere else
 _DONTWAIT = 1
@@ -122,9 +122,21 @@ class _Slot:
 def recv(sock: Any) -> list:
     """The next whole message on ``sock`` without blocking (zmq.Again if none): small
     frames as bytes, big ones as read-only memoryviews of the received data."""
+    frames = try_recv(sock)
+    if frames is None:
+        raise zmq.Again(_errno.EAGAIN)
+    return frames
+
+
+def try_recv(sock: Any) -> list | None:
+    """:func:`recv`, with None instead of zmq.Again when no message waits (a loop that
+    drains a socket ends on that every time; raising it cost ~6 us a drain)."""
     lib = _lib
     if lib is None:
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        try:
+            frame = sock.recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
         frames = [frame]
         while frame.more:
             frame = sock.recv(zmq.NOBLOCK, copy=False)
@@ -135,26 +147,28 @@ def recv(sock: Any) -> list:
         slot = _local.slot = _Slot(lib)
     msg = slot.msg
     handle = ctypes.c_void_p(sock.underlying)
-    zrecv, data, msg_size = lib.zmq_msg_recv, lib.zmq_msg_data, lib.zmq_msg_size
+    zrecv, data, msg_more = lib.zmq_msg_recv, lib.zmq_msg_data, lib.zmq_msg_more
     string_at = ctypes.string_at
     frames: list = []
     while True:
-        if zrecv(msg, handle, _DONTWAIT) == -1:
+        size = zrecv(msg, handle, _DONTWAIT)
+        if size == -1:
             code = lib.zmq_errno()
             if code == _errno.EINTR:
                 continue
             if not frames:
-                raise _error(code)
+                if code == _errno.EAGAIN:
+                    return None
+                raise zmq.ZMQError(code)
             raise zmq.ZMQError(code)  # mid-message: libzmq delivers parts together
-        # the size from zmq_msg_size: zmq_msg_recv's return value is an int, which a
-        # frame of 2 GiB or more overflows
-        size = msg_size(msg)
-        more = lib.zmq_msg_more(msg)
-        if size < BIG:
+        more = msg_more(msg)
+        if size < BIG:  # zmq_msg_recv's count is exact below INT_MAX
             frames.append(string_at(data(msg), size))
         else:
-            # the data stays in libzmq's message, moved out of the reused one and
-            # closed when the last view of it goes
+            # the size again from zmq_msg_size: the count is an int, capped for 2 GiB
+            # and more. The data stays in libzmq's message, moved out of the reused
+            # one and closed when the last view of it goes
+            size = lib.zmq_msg_size(msg)
             own = _MSG_T()
             lib.zmq_msg_init(own)
             lib.zmq_msg_move(own, msg)

@@ -334,9 +334,9 @@ def test_fan_out_is_one_message_and_each_engine_gets_its_own_copy(rc):
     sent = []
     real_send = rc._io.send
 
-    def counting_send(frames, track=False):
+    def counting_send(frames, track=False, task=False):
         sent.append(frames)
-        return real_send(frames, track)
+        return real_send(frames, track, task)
 
     rc._io.send = counting_send
     try:
@@ -417,3 +417,113 @@ def test_switch_interval_is_short_while_the_client_runs(rc):
     # the controller's and the client's threads of this process hold it lowered
     assert sys.getswitchinterval() <= switching.DEFAULT + 1e-9
     assert switching._users >= 1
+
+
+def test_small_replies_resolve_on_the_controller_thread_callbacks_never_do(rc):
+    import threading
+
+    from ipyfarm.controller.embedded import hub_at
+
+    hub_ident = hub_at(rc._info["inproc"]).thread_ident
+    seen: list[int] = []
+    original = rc._on_message
+
+    def recording(item):
+        seen.append(threading.get_ident())
+        original(item)
+
+    rc._on_message = rc._io.on_message = recording
+    try:
+        assert rc[0].apply_sync(lambda: 7) == 7
+        # a small reply is handled where it arrives: no hop through the I/O thread
+        assert seen[-1] == hub_ident
+        big = rc[0].apply_sync(lambda: b"x" * 200_000)  # a big one is unpickled elsewhere
+        assert len(big) == 200_000 and seen[-1] != hub_ident
+    finally:
+        rc._on_message = rc._io.on_message = original
+
+    # a done-callback runs off the controller's thread, so it may even wait on results
+    ran: list = []
+    done = threading.Event()
+
+    def callback(ar):
+        ran.append((threading.get_ident(), ar.get(), rc[1].apply_sync(lambda: 5)))
+        done.set()
+
+    for _ in range(20):
+        ran.clear()
+        done.clear()
+        ar = rc[0].apply_async(lambda: 3)
+        ar.add_done_callback(callback)
+        assert done.wait(10), "a done-callback that waits on another result hung"
+        assert ran[0][0] != hub_ident and ran[0][1:] == (3, 5)
+    # a map's result (its pieces joined) is finished off the controller's thread too
+    lview = rc.load_balanced_view()
+    assert lview.map_sync(lambda x: x * 2, range(40), chunksize=3) == [x * 2 for x in range(40)]
+
+
+def test_a_task_is_submitted_on_the_callers_thread_while_the_hub_waits(cluster, rc):
+    import threading
+
+    import ipyfarm.controller.commands as C
+
+    hub = cluster[0].controller.hub
+    table = hub._command_table
+    dispatch = table[C.DispatchTask]
+    threads: list[int] = []
+
+    def recording(cmd):
+        threads.append(threading.get_ident())
+        dispatch(cmd)
+
+    table[C.DispatchTask] = recording
+    try:
+        time.sleep(0.05)  # the hub is waiting for sockets: the caller does the work
+        assert rc[0].apply_sync(lambda: 41) == 41
+        assert threads == [threading.get_ident()]
+    finally:
+        table[C.DispatchTask] = dispatch
+
+    # a deadline brought by an inline submission wakes the waiting hub: a dependency
+    # timeout fires on time, not at the hub's next timer tick (every 0.5 s; the pauses
+    # put the submissions at different points of that period)
+    lview = rc.load_balanced_view()
+    long = lview.apply_async(time.sleep, 2.5)
+    late = []
+    for pause in (0.1, 0.17, 0.23, 0.31):
+        time.sleep(pause)
+        t0 = time.monotonic()
+        with lview.temp_flags(after=long, timeout=0.05):
+            waiting = lview.apply_async(lambda: 1)
+        with pytest.raises(error.DependencyTimeout):
+            waiting.get(5)
+        late.append(time.monotonic() - t0)
+    long.get(10)
+    assert sorted(late)[2] < 0.25, f"dependency timeouts of 0.05 s fired after {late} s"
+
+
+def test_threads_submitting_at_once_lose_nothing(rc):
+    import threading
+
+    lview = rc.load_balanced_view()
+    dview = rc[0]
+    out: dict[int, list] = {}
+    errors: list = []
+
+    def submit(k):
+        try:
+            view = lview if k % 2 else dview
+            ars = [view.apply_async(lambda a, b: a * 1000 + b, k, i) for i in range(300)]
+            out[k] = [ar.get(60) for ar in ars]
+        except Exception as e:  # reported below, with the thread's number
+            errors.append((k, e))
+
+    workers = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert not any(w.is_alive() for w in workers), "a submitting thread hung"
+    assert not errors, errors
+    for k in range(4):
+        assert out[k] == [k * 1000 + i for i in range(300)]

@@ -83,6 +83,16 @@ class AsyncResult(Future):
         self._finished_at: float | None = None
         client._watch(self)
 
+    #: whether finishing is cheap enough for any thread, the controller's included
+    #: (a map's joins its pieces, which may be large: not on the controller's thread)
+    _finish_anywhere = True
+
+    def add_done_callback(self, fn: Any) -> None:
+        """As ``Future.add_done_callback``; ``fn`` never runs on the thread of an
+        embedded controller (where results may resolve), but on the Client's I/O thread
+        (or, for a finished result, at once in the calling thread)."""
+        super().add_done_callback(self._client._io.off_hub(fn))
+
     # ------------------------------------------------------------------ completion
     def _msg_done(self, msg_id: str) -> None:
         with self._lock:
@@ -274,6 +284,8 @@ class AsyncMapResult(AsyncResult):
     ``return_exceptions=True``: a chunk that failed as a whole (its engine died, say)
     gives its exception once per item, so results still line up with the input.
     """
+
+    _finish_anywhere = False
 
     def __init__(self, client: Client, msg_ids: list[str], joiner: Any, fname: str = "map",
                  ordered: bool = True, return_exceptions: bool = False,

@@ -43,6 +43,8 @@ _IOPUB = frozenset({"stream", "display_data", "update_display_data", "execute_re
                     "error", "clear_output"})
 _REPLIES = frozenset({"apply_reply", "execute_reply"})
 _COMMS = frozenset({"comm_open", "comm_msg", "comm_close"})
+#: replies with more buffer bytes than this are unpickled on the I/O thread, not the hub's
+_INLINE_MAX_BYTES = 65536
 
 
 _created: list = []  # weak references to the clients of this process, oldest first
@@ -124,6 +126,8 @@ class Client(ClientRecords):
             hub = hub_at(url)  # and, while it runs, no sockets at all
         self._io = ClientIO(self.context, url, self._on_message, hub=hub,
                             curve_serverkey=info.get("curve_publickey"))
+        if hub is not None:
+            self._io.inline = self._on_hub_thread
         self._io.start()
         try:
             reply = self._hub_request("connection_request", {}, timeout=timeout)
@@ -282,7 +286,7 @@ class Client(ClientRecords):
         self.metadata[msg_id] = meta
         self.outstanding.add(msg_id)
         self.history.append(msg_id)
-        tracker = self._io.send(frames, track)
+        tracker = self._io.send(frames, track, task=True)
         return msg_id, tracker
 
     def _send_tasks(self, msg_type: str, content: dict, buffers: list, engine_ids: list,
@@ -316,7 +320,7 @@ class Client(ClientRecords):
                                         **deps)
             outstanding.add(msg_id)
         self.history.extend(ids)
-        self._io.send(frames)
+        self._io.send(frames, task=True)
         return ids
 
     def _send_comm(self, msg_type: str, content: dict, buffers: list) -> None:
@@ -342,6 +346,16 @@ class Client(ClientRecords):
         return reply["content"]
 
     # ------------------------------------------------------------------ receiving (I/O thread)
+    def _on_hub_thread(self, item: Any) -> bool:
+        """A message from the controller of this process, on its thread: a small reply
+        is handled here and now (see ClientIO); anything else goes to the I/O thread."""
+        if type(item) is not Parsed or item.header.get("msg_type") not in _REPLIES:
+            return False
+        if sum(len(b) for b in item.buffers) > _INLINE_MAX_BYTES:
+            return False  # unpickling a big result must not hold up the controller
+        self._on_message(item)
+        return True
+
     def _on_message(self, frames: list | Parsed) -> None:
         try:
             if isinstance(frames, Parsed):  # from the controller of this process
@@ -414,8 +428,13 @@ class Client(ClientRecords):
             self.results[msg_id] = result
             self.outstanding.discard(msg_id)
             watchers = self._watchers.pop(msg_id, ())
+        io = self._io
+        on_hub = bool(watchers) and io.on_hub_thread()
         for ar in watchers:
-            ar._msg_done(msg_id)
+            if on_hub and not ar._finish_anywhere:
+                io.call_soon(ar._msg_done, msg_id)  # e.g. joining a map's results
+            else:
+                ar._msg_done(msg_id)
 
     def _on_iopub(self, msg: dict) -> None:
         msg_id = msg["parent_header"].get("msg_id")

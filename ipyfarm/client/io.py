@@ -11,6 +11,12 @@ sockets to it: it hands frame lists to the hub's inbox and the hub queues replie
 in the client's, waking the I/O thread once per burst. Per task that saves four
 multipart socket operations and the thread switches they cause, and nothing
 changes for the engines (the frames are the same signed messages).
+
+Replies for such a client are handled on the hub's thread when nothing is queued before
+them (``inline``, set by the Client): the waiting thread is then woken by the result
+itself, without a hop through the I/O thread (one thread wake-up and GIL hand-over
+less, ~0.1 ms of each round trip here). What must not run on the hub's thread (user
+callbacks, joining a map's results) is handed to the I/O thread with :meth:`call_soon`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ from .. import curve, directzmq, switching
 log = logging.getLogger("ipyfarm.client")
 
 
+class _Call:
+    """A function for the I/O thread to run (queued in the inbox among messages)."""
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple):
+        self.fn, self.args = fn, args
+
+
 class ClientIO(threading.Thread):
     def __init__(self, context: zmq.Context, url: str, on_message: Callable[[list], None],
                  hub: Any = None, curve_serverkey: str | None = None):
@@ -38,6 +53,9 @@ class ClientIO(threading.Thread):
         self._hub = hub
         self._inbox: collections.deque = collections.deque()
         self._post: Callable[[list], None] | None = None
+        self._post_task: Callable[[list], None] | None = None
+        #: set by the Client: handles a message on the hub's thread, True when it did
+        self.inline: Callable[[Any], bool] | None = None
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self._ident_r)
         self.out = context.socket(zmq.DEALER)
@@ -63,24 +81,64 @@ class ClientIO(threading.Thread):
         self.closed = threading.Event()
         if hub is not None:
             self._post = hub.attach_local(self._ident_r, self._deliver)
+            self._post_task = getattr(hub, "post_task", self._post)
 
     def _deliver(self, frames: list) -> None:
-        """From the hub's thread: queue a message; wake the I/O thread once per burst."""
+        """From the hub's thread: handle a message at once where the Client can (and
+        nothing queued is older), else queue it; wake the I/O thread once per burst."""
         inbox = self._inbox
-        inbox.append(frames)
+        inline = self.inline
+        if inline is not None and not inbox and not self._stopping:
+            try:
+                if inline(frames):
+                    return
+            except Exception:
+                log.exception("ipyfarm client: error handling a message")
+                return
+        self._queue(frames)
+
+    def on_hub_thread(self) -> bool:
+        """Whether the caller is running the controller's code (its thread, or a thread
+        submitting a task to it inline: see Hub.post_task)."""
+        return self._hub is not None and self._hub.in_hub()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the I/O thread, after the messages queued before it."""
+        self._queue(_Call(fn, args))
+
+    def off_hub(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``fn`` as a callback that never runs on the controller's thread (a callback
+        that blocks there, or waits on another result, would stall or deadlock it)."""
+        if self._hub is None:
+            return fn
+
+        def callback(arg: Any) -> Any:
+            if self.on_hub_thread():
+                self.call_soon(fn, arg)
+                return None
+            return fn(arg)
+
+        return callback
+
+    def _queue(self, item: Any) -> None:
+        inbox = self._inbox
+        inbox.append(item)
         if len(inbox) == 1:  # append first: see Hub.post_client
             with self._wake_lock:
                 if not self._stopping:
                     directzmq.send(self._wake, [b""])  # keeps the hub thread's GIL
 
-    def send(self, frames: list, track: bool = False) -> Any:
-        """Send ``frames`` to the controller; returns a MessageTracker when tracking."""
+    def send(self, frames: list, track: bool = False, task: bool = False) -> Any:
+        """Send ``frames`` to the controller; returns a MessageTracker when tracking.
+        ``task``: a task request, which a controller of this process may take at once
+        on this thread (Hub.post_task)."""
         if self._post is not None:
             if self._stopping:
                 raise RuntimeError("this Client is closed; create a new one")
             if track:  # the hub holds the frames until sent on: give it copies, done now
                 frames = [f if isinstance(f, bytes) else bytes(f) for f in frames]
-            self._post([self._ident_s, *frames])
+            post = self._post_task if task else self._post
+            post([self._ident_s, *frames])  # type: ignore[misc]
             return None
         with self._send_lock:
             if self._stopping:
@@ -113,22 +171,23 @@ class ClientIO(threading.Thread):
             while not self._stopping:
                 events = dict(poller.poll())
                 if self._wake_pull in events:
-                    while True:
-                        try:
-                            directzmq.recv(self._wake_pull)
-                        except zmq.Again:
-                            break
+                    while directzmq.try_recv(self._wake_pull) is not None:
+                        pass
                 inbox = self._inbox
                 while inbox and not self._stopping:
+                    item = inbox.popleft()
                     try:
-                        self.on_message(inbox.popleft())
+                        if type(item) is _Call:
+                            item.fn(*item.args)
+                        else:
+                            self.on_message(item)
                     except Exception:
-                        log.exception("ipyfarm client: error handling a message")
+                        log.exception("ipyfarm client: error handling a message or "
+                                      "running a callback")
                 if sock in events:
                     for _ in range(1024):
-                        try:
-                            frames = directzmq.recv(sock)  # without giving up the GIL
-                        except zmq.Again:
+                        frames = directzmq.try_recv(sock)  # without giving up the GIL
+                        if frames is None:
                             break
                         try:
                             self.on_message(frames)

@@ -28,9 +28,9 @@ import zmq
 
 from .. import directzmq
 
-__all__ = ["SocketPoller", "recv_frames"]
+__all__ = ["SocketPoller", "recv_frames", "try_recv_frames"]
 
-_POLLIN = zmq.POLLIN
+_POLLIN = int(zmq.POLLIN)  # a plain int: the enum's & costs more than the query
 
 
 def recv_frames(sock: Any) -> list:
@@ -38,6 +38,11 @@ def recv_frames(sock: Any) -> list:
     frames as bytes, big ones as zero-copy views, received without giving up the GIL
     (:mod:`ipyfarm.directzmq`; zmq Frames where that is not available)."""
     return directzmq.recv(sock)
+
+
+def try_recv_frames(sock: Any) -> list | None:
+    """:func:`recv_frames`, or None when no message waits."""
+    return directzmq.try_recv(sock)
 
 
 class SocketPoller:
@@ -91,8 +96,21 @@ class SocketPoller:
         for sock in self._fds:
             self._again[sock] = None
 
-    def poll(self, timeout_ms: float | None = None) -> list[tuple[Any, int]]:
+    def pending(self) -> list:
+        """The sockets named by :meth:`recheck` (or a sweep) since the last poll."""
+        return list(self._again)
+
+    def readable(self, sock: Any) -> bool:
+        """Whether ``sock`` has a message waiting (asks it: the caller owns it now)."""
+        return self._readable(sock)
+
+    def poll(self, timeout_ms: float | None = None,
+             unlocked: Any = None) -> list[tuple[Any, int]]:
+        """Readable sockets. ``unlocked``: a lock the caller holds, released while
+        waiting (and only then: every zmq socket call is made with it held)."""
         if self._epoll is None:
+            # zmq_poll asks the sockets themselves, so it waits with ``unlocked`` held
+            # (submitting threads then queue their tasks: slower, same results)
             return self._zpoller.poll(timeout_ms)  # type: ignore[union-attr]
         ready: dict[Any, None] = {}
         asked = self._again
@@ -106,10 +124,19 @@ class SocketPoller:
             wait = -1.0
         else:
             wait = timeout_ms / 1000
-        try:
-            events = self._epoll.poll(wait)
-        except InterruptedError:
-            events = []
+        if unlocked is not None and wait != 0.0:
+            unlocked.release()  # epoll waits on the fds only: no socket call meanwhile
+            try:
+                events = self._epoll.poll(wait)
+            except InterruptedError:
+                events = []
+            finally:
+                unlocked.acquire()
+        else:
+            try:
+                events = self._epoll.poll(wait)
+            except InterruptedError:
+                events = []
         for fd, _ in events:
             sock = self._by_fd.get(fd)
             if sock is not None and sock not in ready and self._readable(sock):
