@@ -201,6 +201,14 @@ def main() -> None:
             ratio = a / b if b else float("nan")
         print(f"{key:<50} {a:>10.3f} {b:>12.3f} {ratio:>6.2f}x")
     print("ratio: how many times better ipyfarm is (>1 = ipyfarm better)")
+    from relayfloor import Relay
+
+    with Relay() as relay:
+        floor = relay.round_trip_ms(1.0 if args.quick else 3.0)
+    rt = results.get("ipyfarm", {}).get("direct apply_sync round trip (ms)")
+    print(f"\nreference: a Python zmq relay round trip (benchmarks/relayfloor.py), the "
+          f"floor to approach: {floor:.3f} ms"
+          + (f"; ipyfarm's direct apply_sync is {rt / floor:.2f}x that" if rt else ""))
 
 
 if __name__ == "__main__":

@@ -240,6 +240,13 @@ def main() -> None:
         print(f"{key:<45} {a:>10.2f} {b:>12.2f} {ratio:>6.2f}x")
     print("ratio: how many times better ipyfarm is (>1 = ipyfarm better)")
     print(f"\nreference: multiprocessing.Pool(2) apply_async loop: {pool_rate(n_tasks):.0f} tasks/s")
+    from relayfloor import Relay
+
+    with Relay() as relay:
+        floor_rt, floor_rate = relay.round_trip_ms(1.0), relay.messages_per_s()
+    print(f"reference: a Python zmq relay (benchmarks/relayfloor.py): round trip "
+          f"{floor_rt:.3f} ms, {floor_rate:.0f} round trips/s with 1,000 in flight "
+          f"(each message relayed twice)")
     if args.with_dask:
         print(f"reference: Dask LocalCluster(2 workers) submit loop: "
               f"{dask_rate(n_tasks):.0f} tasks/s")
