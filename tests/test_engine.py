@@ -143,8 +143,9 @@ class Engine:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def send(self, sock, msg_type, content=None, buffers=None, msg_id=None, ident=None):
-        msg = self.session.msg(msg_type, content or {})
+    def send(self, sock, msg_type, content=None, buffers=None, msg_id=None, ident=None,
+             metadata=None):
+        msg = self.session.msg(msg_type, content or {}, metadata=metadata)
         if msg_id:
             msg["header"]["msg_id"] = msg_id
             msg["msg_id"] = msg_id
@@ -473,6 +474,38 @@ def _shell_reader_name():
     stream = engine_ops._kernel.shell_stream
     fd = stream.socket.getsockopt(zmq.FD)
     return stream.io_loop.handlers[fd][1].__name__
+
+
+def test_controller_tasks_publish_no_status_other_clients_requests_do(engine):
+    """busy/idle go through the iopub thread while the reply is written, and the
+    controller drops them: its tasks (metadata with engine_id) get none; a request from
+    any other client gets both, and execute_input is published either way."""
+
+    def iopub_of(msg_id, until_idle, timeout=WAIT):
+        """(msg_type, execution_state) of msg_id's iopub messages: until its idle status,
+        or (until_idle=False) until nothing came for 0.3 s."""
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = _recv(engine.iopub, engine.session, 0.3)
+            except TimeoutError:
+                if not until_idle:
+                    return seen
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                seen.append((msg["msg_type"], msg["content"].get("execution_state")))
+                if seen[-1] == ("status", "idle"):
+                    return seen
+        raise AssertionError(f"no idle status for {msg_id} in {timeout} s: {seen}")
+
+    code = {"code": "task_marker = 1", "silent": False, "stop_on_error": False}
+    task = engine.send(engine.shell, "execute_request", code, metadata={"engine_id": 0})
+    assert engine.reply(engine.shell, task)["content"]["status"] == "ok"
+    assert iopub_of(task, until_idle=False) == [("execute_input", None)]
+    other = engine.send(engine.shell, "execute_request", code)
+    assert engine.reply(engine.shell, other)["content"]["status"] == "ok"
+    assert iopub_of(other, until_idle=True) == [
+        ("status", "busy"), ("execute_input", None), ("status", "idle")]
 
 
 def test_forged_and_garbage_messages_are_dropped(engine):
