@@ -527,3 +527,26 @@ def test_threads_submitting_at_once_lose_nothing(rc):
     assert not errors, errors
     for k in range(4):
         assert out[k] == [k * 1000 + i for i in range(300)]
+
+
+def test_a_big_result_is_freed_once_purged(rc):
+    """Nothing of the client keeps a big reply alive after the result is gone, also when
+    the replies after it are small ones, handled on the controller's thread (the I/O
+    thread's loop once held on to the last message it had handled)."""
+    import gc
+
+    import psutil
+
+    proc = psutil.Process()
+    rc[0].execute("import numpy as np; big_result = np.ones(2**28 // 8)", block=True)
+    gc.collect()
+    base = proc.memory_info().rss
+    back = rc[0].pull("big_result", block=True)
+    assert back.nbytes == 2**28
+    del back
+    rc.purge_local_results("all")
+    rc[0].execute("big_result = None", block=True)
+    assert rc[0].apply_sync(lambda: 1) == 1
+    gc.collect()
+    grown = (proc.memory_info().rss - base) / 2**20
+    assert grown < 100, f"the notebook's process kept {grown:.0f} MB after a 256 MB pull"

@@ -149,6 +149,17 @@ class ClientIO(threading.Thread):
             directzmq.send(out, frames)
             return None
 
+    def _handle(self, item: Any) -> None:
+        # a function of its own: no local variable of the loop keeps the last message
+        # (a big result, say) alive until the next one comes this way
+        try:
+            if type(item) is _Call:
+                item.fn(*item.args)
+            else:
+                self.on_message(item)
+        except Exception:
+            log.exception("ipyfarm client: error handling a message or running a callback")
+
     def stop(self, timeout: float = 2.0) -> None:
         if self._hub is not None:
             self._hub.detach_local(self._ident_r)
@@ -175,15 +186,7 @@ class ClientIO(threading.Thread):
                         pass
                 inbox = self._inbox
                 while inbox and not self._stopping:
-                    item = inbox.popleft()
-                    try:
-                        if type(item) is _Call:
-                            item.fn(*item.args)
-                        else:
-                            self.on_message(item)
-                    except Exception:
-                        log.exception("ipyfarm client: error handling a message or "
-                                      "running a callback")
+                    self._handle(inbox.popleft())
                 if sock in events:
                     for _ in range(1024):
                         frames = directzmq.try_recv(sock)  # without giving up the GIL
@@ -193,6 +196,7 @@ class ClientIO(threading.Thread):
                             self.on_message(frames)
                         except Exception:
                             log.exception("ipyfarm client: error handling a message")
+                    frames = None  # not kept alive while waiting for the next
         finally:
             switching.leave()
             for s in (self.sock, self._wake_pull):

@@ -305,6 +305,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                             log.exception("controller: error handling a message")
                     else:  # not drained: its signal is spent, so look again next time
                         self.poller.recheck(sock)
+                    frames = None  # a big message is not kept alive while the hub waits
                 # replies sent on these may have consumed their readable signal
                 self.poller.recheck(self.client_sock)
                 self.poller.recheck(self.reg_sock)
