@@ -143,10 +143,11 @@ def decision_us(engines: int = 8, n: int = 20_000) -> dict[str, float]:
     from ipyfarm.controller.schemes import SCHEMES
     from ipyfarm.controller.state import ControllerState
 
-    out = {}
-    # the first scheme timed once paid the warm-up (imports, allocator growth): all are
-    # timed twice and the second figure kept
-    for scheme in [*SCHEMES, *SCHEMES]:
+    out: dict[str, float] = {}
+    # each scheme is timed in three passes (a fresh state each) and the fastest kept: the
+    # machine's noise only ever adds time, and the first pass pays the warm-up (imports,
+    # allocator growth)
+    for scheme in [*SCHEMES, *SCHEMES, *SCHEMES]:
         s = ControllerState(scheme=scheme, hwm=0, seed=0)
         for i in range(engines):
             info = {"uuid": f"u{i}", "pid": i, "hostname": "h", "connection_info": {}}
@@ -156,7 +157,8 @@ def decision_us(engines: int = 8, n: int = 20_000) -> dict[str, float]:
         t0 = time.perf_counter()
         for ev in events:
             s.handle(ev)
-        out[scheme] = (time.perf_counter() - t0) / n * 1e6
+        us = (time.perf_counter() - t0) / n * 1e6
+        out[scheme] = min(us, out.get(scheme, us))
     return out
 
 
@@ -250,7 +252,8 @@ def main() -> None:
     if args.with_dask:
         print(f"reference: Dask LocalCluster(2 workers) submit loop: "
               f"{dask_rate(n_tasks):.0f} tasks/s")
-    print("\nscheduling decision in the pure state machine (8 engines, hwm=0), us:")
+    print("\nscheduling decision in the pure state machine (8 engines, hwm=0; fastest of "
+          "3 passes of 20,000), us:")
     for scheme, us in decision_us().items():
         print(f"  {scheme:<12} {us:6.1f}")
     if not args.skip_memory:
