@@ -508,6 +508,25 @@ def test_controller_tasks_publish_no_status_other_clients_requests_do(engine):
         ("status", "busy"), ("execute_input", None), ("status", "idle")]
 
 
+def test_a_cell_is_transformed_once_per_execute(engine):
+    setup = ("transform_calls = []\n"
+             "def _count(lines):\n"
+             "    transform_calls.append(''.join(lines))\n"
+             "    return lines\n"
+             "get_ipython().input_transformers_post.append(_count)")
+    assert engine.execute(setup)["content"]["status"] == "ok"
+    for code in ("x_once = 1", "%time y_once = 2", "import asyncio\nawait asyncio.sleep(0)"):
+        engine.apply_value(ops.push, {"transform_calls": []})
+        assert engine.execute(code)["content"]["status"] == "ok"
+        calls = engine.apply_value(ops.pull, "transform_calls")
+        # (%time transforms the statement it times itself: another text, once too)
+        assert calls and len(calls) == len(set(calls)), (code, calls)
+    assert engine.apply_value(ops.pull, ("x_once", "y_once")) == [1, 2]
+    # the shell's own methods are back after each request
+    assert engine.apply_value(lambda: "transform_cell" in vars(get_ipython())) is False  # noqa: F821
+    engine.execute("get_ipython().input_transformers_post.remove(_count)")
+
+
 def test_forged_and_garbage_messages_are_dropped(engine):
     forged = engine.session.msg("apply_request", {})
     frames = engine.session.serialize(forged)
