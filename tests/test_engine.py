@@ -476,6 +476,21 @@ def _shell_reader_name():
     return stream.io_loop.handlers[fd][1].__name__
 
 
+def test_execute_replies_sent_straight_miss_no_request(engine):
+    """Execute replies go straight to the socket; a request whose readable edge such a
+    send takes is still read (on the next loop pass), so bursts and ping-pong alike
+    are all answered."""
+    ids = [engine.send(engine.shell, "execute_request",
+                       {"code": f"straight = {i}", "silent": True, "stop_on_error": False},
+                       metadata={"engine_id": 0}) for i in range(200)]
+    replies = [engine.reply(engine.shell, m, timeout=20) for m in ids]
+    assert [r["parent_header"]["msg_id"] for r in replies] == ids
+    assert all(r["content"]["status"] == "ok" for r in replies)
+    for i in range(100):  # one at a time, with applies between
+        engine.execute(f"straight = {i}")
+        assert engine.apply_value(ops.pull, "straight") == i
+
+
 def test_controller_tasks_publish_no_status_other_clients_requests_do(engine):
     """busy/idle go through the iopub thread while the reply is written, and the
     controller drops them: its tasks (metadata with engine_id) get none; a request from

@@ -14,13 +14,14 @@ client. Cut text ends with :func:`truncation_marker`; the rest was still publish
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ipykernel.iostream import OutStream
 from jupyter_client.session import extract_dates
 from traitlets import Integer, observe
 
-from ipyfarm.protocol.session import FarmSession, frames_bytes
+from ipyfarm.protocol.session import FarmSession, frames_bytes, send_plain
 
 __all__ = [
     "CAPTURED_TYPES",
@@ -175,6 +176,10 @@ class EngineSession(FarmSession):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.capture = OutputCapture(self.max_output_text, self.max_outputs)
+        #: set by the kernel: ``(stream) -> socket or None``, the socket an execute reply
+        #: for ``stream`` may go straight to, and what to call after such a send
+        self.direct_socket: Any = None
+        self.after_direct_send: Any = None
 
     @observe("max_output_text", "max_outputs")
     def _limits_changed(self, change: Any) -> None:
@@ -244,9 +249,22 @@ class EngineSession(FarmSession):
                     self.capture.record(msg_or_type)
             elif msg_or_type["header"]["msg_type"] in CAPTURED_TYPES:
                 self.capture.record(msg_or_type)
-        # not straight on stream.socket, though it would save a loop pass: the zmq fd
-        # is edge-triggered, and a send the ZMQStream does not know of can swallow the
-        # "readable" edge of the next request (seen: tasks left waiting)
+        if msg_or_type == "execute_reply" and not buffers and self.direct_socket is not None:
+            sock = self.direct_socket(stream)
+            if sock is not None:
+                # straight to the socket, not queued on the stream for a later loop pass.
+                # The zmq fd is edge-triggered, and this send can swallow the "readable"
+                # edge of a request that arrived meanwhile: the kernel's after_direct_send
+                # has the socket read again on the next loop pass
+                msg = self.msg(msg_or_type, content=content, parent=parent, header=header,
+                               metadata=metadata)
+                if self.check_pid and os.getpid() != self.pid:
+                    return None
+                send_plain(sock, self.serialize_with_buffers(msg, ident, []),
+                           self.copy_threshold)
+                self.after_direct_send()
+                msg["tracker"] = None
+                return msg
         return super().send(
             stream, msg_or_type, content, parent, ident, buffers, track, header, metadata
         )

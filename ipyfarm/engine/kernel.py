@@ -181,6 +181,21 @@ class FarmKernel(IPythonKernel):
             stream_handler(fd_, events)
 
         handlers[fd] = (fileobj, on_events)
+        session = self.session
+        loop = getattr(stream.io_loop, "asyncio_loop", None)
+        if isinstance(session, EngineSession) and loop is not None:
+            # execute replies too go straight to the socket when nothing is queued on the
+            # stream; the socket is read again on the next loop pass (EngineSession.send)
+            main = threading.main_thread()
+
+            def direct_socket(target: Any) -> Any:
+                if (target is stream and not stream.sending()
+                        and threading.current_thread() is main):
+                    return sock
+                return None
+
+            session.direct_socket = direct_socket
+            session.after_direct_send = lambda: loop.call_soon(on_events, fd, 0)
 
     def _apply_now(self, msg: list) -> None:
         """What ``dispatch_shell`` does for an apply_request, without the event loop."""
