@@ -219,7 +219,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         lock = self._lock
         if not inbox and lock.acquire(blocking=False):
             try:
-                if not inbox and not self._stop.is_set():  # nothing older: order kept
+                if not inbox and not (self._stop.is_set() or self.stopped.is_set()):
+                    # nothing older is queued (order kept), and the hub still runs
                     self._inline_ident = threading.get_ident()
                     try:
                         self._on_client(frames)
