@@ -442,12 +442,14 @@ def test_small_replies_resolve_on_the_controller_thread_callbacks_never_do(rc):
     finally:
         rc._on_message = rc._io.on_message = original
 
-    # a done-callback runs off the controller's thread, so it may even wait on results
+    # a done-callback runs on the callback thread (not where results are delivered),
+    # so it may even wait on results, small or big ones (which the I/O thread handles)
     ran: list = []
     done = threading.Event()
 
     def callback(ar):
-        ran.append((threading.get_ident(), ar.get(), rc[1].apply_sync(lambda: 5)))
+        ran.append((threading.current_thread().name, ar.get(),
+                    rc[1].apply_sync(lambda: 5), len(rc[1].apply_sync(lambda: b"y" * 100_000))))
         done.set()
 
     for _ in range(20):
@@ -455,8 +457,11 @@ def test_small_replies_resolve_on_the_controller_thread_callbacks_never_do(rc):
         done.clear()
         ar = rc[0].apply_async(lambda: 3)
         ar.add_done_callback(callback)
-        assert done.wait(10), "a done-callback that waits on another result hung"
-        assert ran[0][0] != hub_ident and ran[0][1:] == (3, 5)
+        assert done.wait(10), "a done-callback that waits on other results hung"
+        assert ran[0] == ("ipyfarm-callbacks", 3, 5, 100_000), ran
+    # on a finished result, the callback runs at once in the caller's thread
+    ar.add_done_callback(lambda a: ran.append(threading.current_thread().name))
+    assert ran[-1] == threading.current_thread().name
     # a map's result (its pieces joined) is finished off the controller's thread too
     lview = rc.load_balanced_view()
     assert lview.map_sync(lambda x: x * 2, range(40), chunksize=3) == [x * 2 for x in range(40)]

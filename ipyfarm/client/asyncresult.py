@@ -88,10 +88,14 @@ class AsyncResult(Future):
     _finish_anywhere = True
 
     def add_done_callback(self, fn: Any) -> None:
-        """As ``Future.add_done_callback``; ``fn`` never runs on the thread of an
-        embedded controller (where results may resolve), but on the Client's I/O thread
-        (or, for a finished result, at once in the calling thread)."""
-        super().add_done_callback(self._client._io.off_hub(fn))
+        """As ``Future.add_done_callback``, but ``fn`` runs on the client's callback
+        thread (``ipyfarm-callbacks``), one callback at a time in the order results
+        arrive, never on a thread that delivers results: it may block, or wait on other
+        results. For a result already finished, ``fn`` runs at once in the caller."""
+        if self.done():
+            super().add_done_callback(fn)  # Future calls it now, in this thread
+        else:
+            super().add_done_callback(self._client._io.off_hub(fn))
 
     # ------------------------------------------------------------------ completion
     def _msg_done(self, msg_id: str) -> None:

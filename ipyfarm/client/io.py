@@ -15,8 +15,10 @@ changes for the engines (the frames are the same signed messages).
 Replies for such a client are handled on the hub's thread when nothing is queued before
 them (``inline``, set by the Client): the waiting thread is then woken by the result
 itself, without a hop through the I/O thread (one thread wake-up and GIL hand-over
-less, ~0.1 ms of each round trip here). What must not run on the hub's thread (user
-callbacks, joining a map's results) is handed to the I/O thread with :meth:`call_soon`.
+less, ~0.1 ms of each round trip here). Joining a map's results, which must not run on
+the hub's thread, is handed to the I/O thread with :meth:`call_soon`; AsyncResult
+done-callbacks (user code, which may block or wait on other results) run on a thread of
+their own, ``ipyfarm-callbacks`` (:meth:`off_hub`), for every kind of client.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import threading
 from typing import Any, Callable
 
@@ -56,6 +59,10 @@ class ClientIO(threading.Thread):
         self._post_task: Callable[[list], None] | None = None
         #: set by the Client: handles a message on the hub's thread, True when it did
         self.inline: Callable[[Any], bool] | None = None
+        # AsyncResult done-callbacks run on a thread of their own, started when needed
+        self._cb_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cb_thread: threading.Thread | None = None
+        self._cb_lock = threading.Lock()
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self._ident_r)
         self.out = context.socket(zmq.DEALER)
@@ -107,18 +114,37 @@ class ClientIO(threading.Thread):
         self._queue(_Call(fn, args))
 
     def off_hub(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """``fn`` as a callback that never runs on the controller's thread (a callback
-        that blocks there, or waits on another result, would stall or deadlock it)."""
-        if self._hub is None:
-            return fn
+        """``fn`` as a callback that runs on the client's callback thread: never on the
+        controller's thread or this I/O thread, where a callback that blocks, or waits
+        on another result, would stall or deadlock the results it waits for."""
 
-        def callback(arg: Any) -> Any:
-            if self.on_hub_thread():
-                self.call_soon(fn, arg)
-                return None
-            return fn(arg)
+        def callback(arg: Any) -> None:
+            if threading.current_thread() is self._cb_thread:
+                fn(arg)
+            else:
+                self._run_callback(fn, arg)
 
         return callback
+
+    def _run_callback(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        with self._cb_lock:
+            if self._cb_thread is None:
+                self._cb_thread = threading.Thread(target=self._callbacks_loop,
+                                                   name="ipyfarm-callbacks", daemon=True)
+                self._cb_thread.start()
+            self._cb_queue.put((fn, arg))
+
+    def _callbacks_loop(self) -> None:
+        queue = self._cb_queue
+        while True:
+            fn, arg = queue.get()
+            if fn is None:
+                return
+            try:
+                fn(arg)
+            except Exception:
+                log.exception("ipyfarm client: error in a done-callback")
+            fn = arg = None  # the last result is not kept alive while waiting
 
     def _queue(self, item: Any) -> None:
         inbox = self._inbox
@@ -169,8 +195,13 @@ class ClientIO(threading.Thread):
             self._stopping = True
             self._wake.send(b"")
             self.out.close(0)
+        with self._cb_lock:
+            cb_thread = self._cb_thread
+            self._cb_queue.put((None, None))  # after the callbacks already queued
         if self is not threading.current_thread():
             self.join(timeout)
+        if cb_thread is not None and cb_thread is not threading.current_thread():
+            cb_thread.join(timeout)
 
     def run(self) -> None:
         poller = zmq.Poller()
