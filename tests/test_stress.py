@@ -10,13 +10,22 @@ leaves the machine some room). Every task must come back
 with its right value or, when its engines kept dying, with an error that says so: nothing is
 lost, nothing hangs. The controller's RSS is sampled every 10 s; after the first few minutes
 (warm-up) it must stay within a band, and the figures (min/max, tasks, kills) are printed.
+
+A second test runs an embedded cluster for ``IPYFARM_THREADS_SECONDS`` (default 120):
+four threads of the notebook's process submit at once (load-balanced and direct applies,
+maps, executes on all engines, and done-callbacks that themselves wait on results) while
+an engine is SIGKILLed every 20 s and restarted. Every result must be right or an engine
+error; no thread may hang. (Found a deadlock: done-callbacks ran on the client's I/O
+thread, so one waiting on another result waited on itself.)
 """
 
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -121,3 +130,94 @@ def test_soak_with_random_engine_kills(tmp_path):
                        timeout=60)
         seen_pids.update(_engine_pids(ctl))
         kill_pids([info["pid"], *seen_pids])
+
+
+THREADS_SECONDS = float(os.environ.get("IPYFARM_THREADS_SECONDS", "120"))
+
+
+def _double(x):
+    return 2 * x
+
+
+def _engine_failure(e):
+    """An error that says an engine died under the task (expected when it is killed)."""
+    return isinstance(e, error.EngineError) or "EngineError" in f"{e!r} {e}"
+
+
+@pytest.mark.timeout(THREADS_SECONDS + 600)
+def test_threads_and_callbacks_on_an_embedded_cluster_with_engine_kills():
+    counts = {"ok": 0, "engine_errors": 0, "callbacks": 0, "kills": 0}
+    problems: list = []
+    lock = threading.Lock()
+
+    def add(key, n=1):
+        with lock:
+            counts[key] += n
+
+    with ipp.Cluster(n=3, profile=f"threads-{os.getpid()}", restart_engines=True,
+                     max_restarts=1000) as rc:
+        rc.wait_for_engines(3, timeout=60)
+        stop = time.monotonic() + THREADS_SECONDS
+
+        def worker(k):
+            rng = random.Random(k)
+            lview = rc.load_balanced_view(retries=2)
+            while time.monotonic() < stop:
+                try:
+                    ids = list(rc.ids)
+                    if not ids:
+                        time.sleep(0.2)
+                        continue
+                    choice = rng.random()
+                    if choice < 0.3:
+                        ars = [lview.apply_async(_double, i) for i in range(50)]
+                        assert [a.get(60) for a in ars] == [2 * i for i in range(50)]
+                        add("ok", 50)
+                    elif choice < 0.5:
+                        view = rc[rng.choice(ids)]
+                        ars = [view.apply_async(_double, i) for i in range(20)]
+                        assert [a.get(60) for a in ars] == [2 * i for i in range(20)]
+                        add("ok", 20)
+                    elif choice < 0.65:
+                        assert lview.map_sync(_double, range(200)) == [2 * i for i in range(200)]
+                        add("ok", 200)
+                    elif choice < 0.8:
+                        rc[ids].execute(f"thread_{k} = {k}", block=True)
+                        add("ok")
+                    else:
+                        done, got = threading.Event(), []
+
+                        def callback(ar, got=got, done=done):
+                            got.append((ar.get(), lview.apply_sync(_double, 21)))
+                            done.set()
+
+                        ar = lview.apply_async(_double, 1)
+                        ar.add_done_callback(callback)
+                        assert done.wait(60), "a done-callback waiting on a result hung"
+                        assert got == [(2, 42)], got
+                        add("callbacks")
+                except Exception as e:  # an engine killed under a task is expected
+                    if _engine_failure(e):
+                        add("engine_errors")
+                    else:
+                        problems.append((k, repr(e)[:500]))
+                        return
+
+        workers = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(4)]
+        for w in workers:
+            w.start()
+        rng = random.Random(99)
+        while time.monotonic() < stop and not problems:
+            time.sleep(20)
+            alive = [p for p in rc.cluster.launcher.pids if psutil.pid_exists(p)]
+            if alive:
+                victim = rng.choice(alive)
+                os.kill(victim, signal.SIGKILL)
+                counts["kills"] += 1
+        for w in workers:
+            w.join(240)
+        hung = [w.name for w in workers if w.is_alive()]
+        print(f"\nthreads: {THREADS_SECONDS:.0f} s, {counts}", flush=True)
+        assert not hung, f"submitting threads hung: {hung}"
+        assert not problems, problems
+        assert counts["ok"] > 0 and counts["callbacks"] > 0, counts
