@@ -156,11 +156,9 @@ def try_recv(sock: Any) -> list | None:
             code = lib.zmq_errno()
             if code == _errno.EINTR:
                 continue
-            if not frames:
-                if code == _errno.EAGAIN:
-                    return None
-                raise zmq.ZMQError(code)
-            raise zmq.ZMQError(code)  # mid-message: libzmq delivers parts together
+            if not frames and code == _errno.EAGAIN:
+                return None
+            raise zmq.ZMQError(code)  # (never mid-message: libzmq delivers parts together)
         more = msg_more(msg)
         if size < BIG:  # zmq_msg_recv's count is exact below INT_MAX
             frames.append(string_at(data(msg), size))

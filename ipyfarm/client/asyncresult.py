@@ -95,7 +95,7 @@ class AsyncResult(Future):
         if self.done():
             super().add_done_callback(fn)  # Future calls it now, in this thread
         else:
-            super().add_done_callback(self._client._io.off_hub(fn))
+            super().add_done_callback(self._client._io.on_callback_thread(fn))
 
     # ------------------------------------------------------------------ completion
     def _msg_done(self, msg_id: str) -> None:

@@ -18,7 +18,7 @@ itself, without a hop through the I/O thread (one thread wake-up and GIL hand-ov
 less, ~0.1 ms of each round trip here). Joining a map's results, which must not run on
 the hub's thread, is handed to the I/O thread with :meth:`call_soon`; AsyncResult
 done-callbacks (user code, which may block or wait on other results) run on a thread of
-their own, ``ipyfarm-callbacks`` (:meth:`off_hub`), for every kind of client.
+their own, ``ipyfarm-callbacks`` (:meth:`on_callback_thread`), for every kind of client.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class ClientIO(threading.Thread):
         """Run ``fn(*args)`` on the I/O thread, after the messages queued before it."""
         self._queue(_Call(fn, args))
 
-    def off_hub(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def on_callback_thread(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``fn`` as a callback that runs on the client's callback thread: never on the
         controller's thread or this I/O thread, where a callback that blocks, or waits
         on another result, would stall or deadlock the results it waits for."""

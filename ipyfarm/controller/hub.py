@@ -36,7 +36,7 @@ from . import commands as C
 from . import events as E
 from .db import MemoryTaskDB
 from .effects import CommandEffects
-from .poller import SocketPoller, try_recv_frames
+from .poller import SocketPoller
 from .relay import COMM_TYPES, OutputRelay
 from .requests import ClientRequests
 from .state import ControllerState
@@ -295,7 +295,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                         continue
                     for _ in range(512):
                         try:
-                            frames = try_recv_frames(sock)
+                            frames = directzmq.try_recv(sock)
                         except zmq.ZMQError:
                             break
                         if frames is None:

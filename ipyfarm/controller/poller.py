@@ -28,7 +28,7 @@ import zmq
 
 from .. import directzmq
 
-__all__ = ["SocketPoller", "recv_frames", "try_recv_frames"]
+__all__ = ["SocketPoller", "recv_frames"]
 
 _POLLIN = int(zmq.POLLIN)  # a plain int: the enum's & costs more than the query
 
@@ -38,11 +38,6 @@ def recv_frames(sock: Any) -> list:
     frames as bytes, big ones as zero-copy views, received without giving up the GIL
     (:mod:`ipyfarm.directzmq`; zmq Frames where that is not available)."""
     return directzmq.recv(sock)
-
-
-def try_recv_frames(sock: Any) -> list | None:
-    """:func:`recv_frames`, or None when no message waits."""
-    return directzmq.try_recv(sock)
 
 
 class SocketPoller:
@@ -100,10 +95,6 @@ class SocketPoller:
         """The sockets named by :meth:`recheck` (or a sweep) since the last poll."""
         return list(self._again)
 
-    def readable(self, sock: Any) -> bool:
-        """Whether ``sock`` has a message waiting (asks it: the caller owns it now)."""
-        return self._readable(sock)
-
     def poll(self, timeout_ms: float | None = None,
              unlocked: Any = None) -> list[tuple[Any, int]]:
         """Readable sockets. ``unlocked``: a lock the caller holds, released while
@@ -116,7 +107,7 @@ class SocketPoller:
         asked = self._again
         self._again = {}
         for sock in asked:
-            if self._readable(sock):
+            if self.readable(sock):
                 ready[sock] = None
         if ready:
             wait = 0.0  # do not sleep with messages waiting
@@ -139,12 +130,13 @@ class SocketPoller:
                 events = []
         for fd, _ in events:
             sock = self._by_fd.get(fd)
-            if sock is not None and sock not in ready and self._readable(sock):
+            if sock is not None and sock not in ready and self.readable(sock):
                 ready[sock] = None
         return [(sock, _POLLIN) for sock in ready]
 
     @staticmethod
-    def _readable(sock: Any) -> bool:
+    def readable(sock: Any) -> bool:
+        """Whether ``sock`` has a message waiting (asks it: the caller owns it now)."""
         try:
             return bool(sock.getsockopt(zmq.EVENTS) & _POLLIN)
         except zmq.ZMQError:

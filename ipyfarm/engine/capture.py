@@ -251,15 +251,13 @@ class EngineSession(FarmSession):
                 self.capture.record(msg_or_type)
         if msg_or_type == "execute_reply" and not buffers and self.direct_socket is not None:
             sock = self.direct_socket(stream)
-            if sock is not None:
+            if sock is not None and not (self.check_pid and os.getpid() != self.pid):
                 # straight to the socket, not queued on the stream for a later loop pass.
                 # The zmq fd is edge-triggered, and this send can swallow the "readable"
                 # edge of a request that arrived meanwhile: the kernel's after_direct_send
                 # has the socket read again on the next loop pass
                 msg = self.msg(msg_or_type, content=content, parent=parent, header=header,
                                metadata=metadata)
-                if self.check_pid and os.getpid() != self.pid:
-                    return None
                 send_plain(sock, self.serialize_with_buffers(msg, ident, []),
                            self.copy_threshold)
                 self.after_direct_send()
