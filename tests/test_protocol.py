@@ -61,6 +61,45 @@ def test_without_buffers_the_signature_is_standard_jupyter(session):
     assert bytes(Session(key=b"secret").deserialize(rest)["buffers"][0]) == b"raw"
 
 
+def test_json_parts_take_what_jupyters_packer_takes(session):
+    """orjson writes the parts; what it refuses goes through the json module, so no
+    message that packed before fails now, and every part reads back as it was."""
+    import datetime
+
+    from jupyter_client.session import json_unpacker
+
+    from ipyfarm.protocol.session import _pack, _unpack
+
+    naive = datetime.datetime(2026, 11, 26, 8, 0, 0, 123456)
+    aware = datetime.datetime(2026, 11, 26, 9, 0, tzinfo=datetime.timezone(
+        datetime.timedelta(hours=1)))
+    content = {"text": "caf\u00e9 \u2603", "nested": [1, (2, 3), {"a": None}],
+               "naive": naive, "aware": aware, 1: "int key"}
+    packed = _pack(content)
+    back = json_unpacker(packed)  # stock Jupyter reads it
+    assert back["text"] == "caf\u00e9 \u2603" and back["nested"] == [1, [2, 3], {"a": None}]
+    # naive means UTC, as in jupyter_client's own orjson packer
+    assert back["naive"] == "2026-11-26T08:00:00.123456Z"
+    assert back["aware"] == "2026-11-26T09:00:00+01:00"
+    assert back["1"] == "int key"
+    assert _unpack(packed) == back
+    # what orjson refuses goes through the json module: ints beyond 64 bits...
+    big = {"big": 2**70, "neg": -(2**65), "aware": aware}
+    assert _unpack(_pack(big)) == {"big": 2**70, "neg": -(2**65),
+                                   "aware": "2026-11-26T09:00:00+01:00"}
+    # ...and a lone surrogate, written as the json path always wrote it (one byte that
+    # reads back as the replacement character)
+    assert _unpack(_pack({"s": "\udcff"})) == {"s": "\ufffd"}
+    # text only the json module reads (NaN, invalid UTF-8) still reads
+    assert _unpack(b'{"x": NaN}')["x"] != _unpack(b'{"x": NaN}')["x"]
+    assert _unpack(b'{"x": "\xff"}') == {"x": "\ufffd"}
+    assert _unpack(b"{}") == {}
+    # a message of such parts verifies and decodes through the session
+    msg = session.msg("apply_reply", content=big)
+    _, rest = split_identities(session.serialize_with_buffers(msg, None, []))
+    assert session.deserialize(rest)["content"]["big"] == 2**70
+
+
 def test_wrong_key_and_replay_are_rejected(session):
     frames = session.serialize_with_buffers(session.msg("connection_request", {}), None, [])
     _, rest = split_identities(frames)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import _signal
 import asyncio
 import contextvars
-import json
 import os
 import signal
 import sys
@@ -37,6 +36,7 @@ from traitlets import default
 from ipyfarm.engine import ops
 from ipyfarm.engine.capture import Captured, EngineSession, OutputCapture
 from ipyfarm.protocol.messages import SchemaError, validate
+from ipyfarm.protocol.session import _unpack as unpack_json
 from ipyfarm.protocol.session import frames_bytes, iso_now
 from ipyfarm.protocol.serialize import (
     SerializationError,
@@ -563,7 +563,7 @@ def _is_apply_frames(msg: list) -> bool:
             if len(msg) < i + 6:
                 return False
             try:
-                header = json.loads(frames_bytes(msg[i + 2]))
+                header = unpack_json(frames_bytes(msg[i + 2]))
             except ValueError:
                 return False
             return (isinstance(header, dict) and header.get("msg_type") == "apply_request"

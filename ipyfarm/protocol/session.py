@@ -156,9 +156,20 @@ def check_digest(buf: Any, signed: str) -> bool:
 
 
 _encoder = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False)
+_decoder = json.JSONDecoder()
+
+try:  # jupyter_client prefers orjson too where it is installed
+    import orjson
+except ImportError:  # pragma: no cover - a dependency, but the codec works without it
+    orjson = None  # type: ignore[assignment]
+else:
+    # dates as Jupyter writes them (naive means UTC, "Z" for UTC); keys that are not
+    # strings converted as json.dumps converts them
+    _ORJSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+    _orjson_dumps, _orjson_loads = orjson.dumps, orjson.loads
 
 
-def _pack(obj: Any) -> bytes:
+def _json_pack(obj: Any) -> bytes:
     """Jupyter's JSON packing, with one encoder reused (json.dumps builds one per call)."""
     try:
         return _encoder.encode(obj).encode("utf8", "surrogateescape")
@@ -166,18 +177,37 @@ def _pack(obj: Any) -> bytes:
         return json_packer(obj)  # jupyter_client's, with its fallbacks
 
 
-_decoder = json.JSONDecoder()
-
-
-def _unpack(data: Any) -> Any:
-    """Jupyter's JSON unpacking (``json_unpacker``), with an empty object answered
-    without the decoder: half the parts of a task's request (parent, content) are
-    ``{}``."""
-    if data == b"{}":
-        return {}
+def _json_unpack(data: Any) -> Any:
     if isinstance(data, bytes):
         data = data.decode("utf8", "replace")
     return _decoder.decode(data)
+
+
+def _pack(obj: Any) -> bytes:
+    """A message part as JSON: orjson (a tenth of the json module's time for a header),
+    and the json module for what orjson refuses (ints beyond 64 bits, lone surrogates),
+    so that anything Jupyter's packer takes is taken. One difference, shared with
+    jupyter_client's own orjson packer: NaN and infinities become ``null``."""
+    if orjson is not None:
+        try:
+            return _orjson_dumps(obj, default=json_default, option=_ORJSON_OPTIONS)
+        except (TypeError, ValueError):
+            pass
+    return _json_pack(obj)
+
+
+def _unpack(data: Any) -> Any:
+    """Jupyter's JSON unpacking (``json_unpacker``), through orjson where it takes the
+    text (the json module reads what it refuses: ``NaN``, ints beyond 64 bits, invalid
+    UTF-8, replaced). An empty object, half the parts of a task's request, skips both."""
+    if data == b"{}":
+        return {}
+    if orjson is not None:
+        try:
+            return _orjson_loads(data)
+        except (TypeError, ValueError):
+            pass
+    return _json_unpack(data)
 
 
 def iso_now() -> str:
@@ -250,9 +280,10 @@ class FarmSession(Session):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        if self.packer == "json":
+        # jupyter_client names its default "orjson" where orjson is installed
+        if self.packer in ("json", "orjson"):
             self.pack = _pack
-        if self.unpacker == "json":
+        if self.unpacker in ("json", "orjson"):
             self.unpack = _unpack
         self._replay = ReplayGuard(self.digest_history_size)
 
