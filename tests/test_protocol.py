@@ -303,6 +303,24 @@ def test_interactive_function_pickle_is_reused_while_nothing_it_captures_changed
     assert fncache.pickled(ns["f"]) is not None
 
 
+def test_a_call_without_arguments_is_pickled_once_while_its_function_may_be_reused():
+    ns = _main_functions("K = 3\ndef f():\n    return K\ndef g():\n    return ITEMS\n"
+                         "ITEMS = [1]\n")
+    f = ns["f"]
+    first = serialize.pack_apply(f, (), {})
+    assert serialize.pack_apply(f, (), {})[0] is first[0]  # the same bytes, not re-pickled
+    assert _run(first) == 3
+    ns["K"] = 4  # what f captures changed: a new request
+    again = serialize.pack_apply(f, (), {})
+    assert again[0] != first[0] and _run(again) == 4
+    # with arguments, or capturing something mutable: pickled each time, as before
+    assert _run(serialize.pack_apply(f, (), {})) == 4
+    g = ns["g"]
+    assert serialize.pack_apply(g, (), {})[0] is not serialize.pack_apply(g, (), {})[0]
+    ns["ITEMS"].append(2)
+    assert _run(serialize.pack_apply(g, (), {})) == [1, 2]
+
+
 def test_functions_capturing_mutable_state_are_pickled_afresh_each_time():
     from ipyfarm.protocol import fncache
 

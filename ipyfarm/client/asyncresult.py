@@ -30,13 +30,16 @@ _METADATA_DEFAULTS: dict[str, Any] = {
     "error": None, "stdout": "", "stderr": "", "outputs": [], "data": {},
 }
 
+_MUTABLE_DEFAULTS = tuple(k for k, v in _METADATA_DEFAULTS.items() if isinstance(v, list | dict))
+
 
 class Metadata(dict):
     """A task's metadata; keys are also attributes (``md.engine_id``)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__({k: (v.copy() if isinstance(v, list | dict) else v)
-                          for k, v in _METADATA_DEFAULTS.items()})
+        super().__init__(_METADATA_DEFAULTS)
+        for key in _MUTABLE_DEFAULTS:  # each its own (a copy of the empty default)
+            self[key] = self[key].copy()
         self.update(*args, **kwargs)
 
     def __getattr__(self, key: str) -> Any:

@@ -164,12 +164,14 @@ class FarmKernel(IPythonKernel):
                 log.error("Exception handling a shell message", exc_info=future.exception())
 
         def on_events(fd_: Any, events: int) -> None:
+            drained = False
             for _ in range(256):  # then give the loop a turn; the stream looks again
                 try:
                     frames = try_recv(sock)
                 except zmq.ZMQError:
                     break
                 if frames is None:
+                    drained = True
                     break
                 try:
                     pending = on_shell(frames)
@@ -178,7 +180,12 @@ class FarmKernel(IPythonKernel):
                     continue
                 if pending is not None:  # ipykernel's path: a coroutine, as the stream
                     asyncio.ensure_future(pending).add_done_callback(logged)
-            stream_handler(fd_, events)
+            if not drained or stream.sending():
+                # the stream reads what is left, or sends what it queued. Drained with
+                # nothing queued, it would only ask the socket its state again (half
+                # an apply's time on the engine); a send queued later schedules the
+                # stream's handler itself
+                stream_handler(fd_, events)
 
         handlers[fd] = (fileobj, on_events)
         session = self.session

@@ -156,8 +156,25 @@ def _find_culprit(f: Any, args: tuple, kwargs: dict) -> str:
     return "an unknown part of the call"
 
 
+_NO_ARG_CALLS: dict[bytes, bytes] = {}
+
+
 def pack_apply(f: Any, args: tuple, kwargs: dict) -> list:
     """Frames for an apply request; raise SerializationError naming what can't be pickled."""
+    if not args and not kwargs and type(f) is types.FunctionType and f.__module__ == "__main__":
+        # f() of an interactive function: the whole request is the same bytes for as
+        # long as f's own pickle may be reused (fncache), so it is pickled once
+        data = pickled(f)
+        if data is not None:
+            call = _NO_ARG_CALLS.get(data)
+            if call is None:
+                frames = dumps((f, (), {}))
+                if len(frames) > 1:  # (never so far: f's pickle travels in band)
+                    return frames
+                if len(_NO_ARG_CALLS) >= 256:
+                    _NO_ARG_CALLS.clear()
+                call = _NO_ARG_CALLS[data] = frames[0]
+            return [call]
     try:
         wrapped_args = tuple(_wrap_top(a) for a in args)
         wrapped_kwargs = {k: _wrap_top(v) for k, v in kwargs.items()}

@@ -330,6 +330,9 @@ class FarmSession(Session):
         msg["tracker"] = tracker
         return msg
 
+    #: how :meth:`send_reply` puts frames on a socket: ``(sock, frames, copy_threshold)``
+    send_frames = staticmethod(send_plain)
+
     def send_reply(self, sock: Any, idents: list, parent_header: bytes, msg_type: str,
                    content: dict[str, Any], metadata: dict[str, Any], buffers: list) -> None:
         """Build, sign and send a reply in one pass (an engine's per-task path).
@@ -350,8 +353,8 @@ class FarmSession(Session):
         pack = self.pack
         parts = [pack(header), parent_header, pack({**base, **metadata} if base else metadata),
                  pack(content)]
-        send_plain(sock, [*idents, DELIM, self.sign(parts), *parts, *views],
-                   self.copy_threshold)
+        self.send_frames(sock, [*idents, DELIM, self.sign(parts), *parts, *views],
+                         self.copy_threshold)
 
     def serialize_with_buffers(
         self, msg: dict[str, Any], ident: bytes | list[bytes] | None, buffers: list
