@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["pickled"]
+__all__ = ["captures_only_immutables", "pickled"]
 
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _EMPTY_CELL = object()
@@ -90,6 +90,12 @@ def _captured(f: types.FunctionType) -> list | None:
             return None
         out.append(value)
     return out
+
+
+def captures_only_immutables(f: types.FunctionType) -> bool:
+    """Whether all ``f`` would capture (attributes, defaults, cells, globals it names)
+    is modules and immutable values."""
+    return _captured(f) is not None
 
 
 def pickled(f: types.FunctionType) -> bytes | None:

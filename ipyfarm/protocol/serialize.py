@@ -19,7 +19,7 @@ from typing import Any
 
 import cloudpickle
 
-from .fncache import pickled
+from .fncache import captures_only_immutables, pickled
 
 __all__ = [
     "OOB_THRESHOLD",
@@ -188,11 +188,35 @@ def pack_apply(f: Any, args: tuple, kwargs: dict) -> list:
         ) from e
 
 
+#: the engine's side of :data:`_NO_ARG_CALLS`: the request's bytes -> the function
+#: they rebuild, for ``f()`` of an interactive function without closure or attributes
+_NO_ARG_FUNCTIONS: dict[bytes, types.FunctionType] = {}
+
+
 def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
     """Rebuild ``(f, args, kwargs)``; resolve References and rebind interactive functions:
     ``f`` and any function passed as an argument (``map`` passes the user's function to
-    its chunk runner), so their global names resolve in the engine's namespace."""
+    its chunk runner), so their global names resolve in the engine's namespace.
+
+    A request that is ``f()`` alone, for a function of ``__main__`` that captures only
+    modules and immutable values (fncache's rule) and no cells, rebuilds ``f`` once: the
+    same bytes again give the same code, defaults and captured globals, and the task
+    still gets a function of its own (:func:`bind_interactive` makes one per call), so
+    nothing of one call reaches the next. Any other function is rebuilt each time.
+    """
+    key = None
+    if len(frames) == 1 and len(frames[0]) <= 16384:
+        key = bytes(frames[0])
+        cached = _NO_ARG_FUNCTIONS.get(key)
+        if cached is not None:
+            return bind_interactive(cached, namespace), (), {}
     f, args, kwargs = loads(frames)
+    if (key is not None and not args and not kwargs and type(f) is types.FunctionType
+            and f.__module__ == "__main__" and not f.__closure__
+            and captures_only_immutables(f)):
+        if len(_NO_ARG_FUNCTIONS) >= 64:
+            _NO_ARG_FUNCTIONS.clear()
+        _NO_ARG_FUNCTIONS[key] = f
     f = bind_interactive(f, namespace)
     args = tuple(_arg(a, namespace) for a in args)
     kwargs = {k: _arg(v, namespace) for k, v in kwargs.items()}

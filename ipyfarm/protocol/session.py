@@ -190,9 +190,13 @@ def _pack(obj: Any) -> bytes:
     jupyter_client's own orjson packer: NaN and infinities become ``null``."""
     if orjson is not None:
         try:
-            return _orjson_dumps(obj, default=json_default, option=_ORJSON_OPTIONS)
+            data = _orjson_dumps(obj, default=json_default, option=_ORJSON_OPTIONS)
         except (TypeError, ValueError):
             pass
+        else:
+            # orjson's bytes keep the capacity of its 4 kB starting buffer: a copy holds
+            # only the text (a controller keeps the parts of thousands of requests)
+            return bytes(memoryview(data)) if len(data) < 65536 else data
     return _json_pack(obj)
 
 
