@@ -542,6 +542,38 @@ def test_a_cell_is_transformed_once_per_execute(engine):
     engine.execute("get_ipython().input_transformers_post.remove(_count)")
 
 
+def test_static_transforms_are_remembered_and_dynamic_ones_still_run(engine):
+    # a cleanup transform that counts its calls (adding it is a new configuration)
+    setup = ("static_calls = []\n"
+             "def _static(lines):\n"
+             "    static_calls.append(''.join(lines))\n"
+             "    return [line.replace('SEVEN', '7') for line in lines]\n"
+             "get_ipython().input_transformers_cleanup.append(_static)\n"
+             "magic_runs = []\n"
+             "def _probe(line):\n"
+             "    magic_runs.append(line)\n"
+             "get_ipython().register_magic_function(_probe, 'line', 'probe_magic')\n")
+    assert engine.execute(setup)["content"]["status"] == "ok"
+    try:
+        for _ in range(3):
+            assert engine.execute("seven = SEVEN")["content"]["status"] == "ok"
+        calls = engine.apply_value(ops.pull, "static_calls")
+        assert calls.count("seven = SEVEN\n") == 1  # transformed once, then remembered
+        assert engine.apply_value(ops.pull, "seven") == 7
+        # the namespace-dependent part runs every time: a bare name is an automagic
+        # call while no variable has that name, then the variable
+        assert engine.execute("probe_magic")["content"]["status"] == "ok"
+        assert engine.apply_value(ops.pull, "magic_runs") == [""]
+        engine.apply_value(ops.push, {"probe_magic": 5})
+        assert engine.execute("probe_magic")["content"]["status"] == "ok"
+        assert engine.apply_value(ops.pull, "magic_runs") == [""]
+    finally:
+        engine.execute("get_ipython().input_transformers_cleanup.remove(_static)")
+    # another configuration: the same text is transformed again, the new way
+    engine.execute("seven = 'SEVEN'")
+    assert engine.apply_value(ops.pull, "seven") == "SEVEN"
+
+
 def test_forged_and_garbage_messages_are_dropped(engine):
     forged = engine.session.msg("apply_request", {})
     frames = engine.session.serialize(forged)
