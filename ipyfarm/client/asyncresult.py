@@ -123,7 +123,7 @@ class AsyncResult(Future):
             # let the thread just woken run now: this thread (the controller's or the
             # client's I/O thread) would otherwise keep the GIL until its next wait
             # for sockets (~30 us of a round trip here)
-            time.sleep(0)
+            self._client._io.let_waiter_run()
 
     def _reconstruct(self, results: list) -> Any:
         if self._single_result:

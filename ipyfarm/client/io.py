@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import zmq
@@ -108,6 +109,16 @@ class ClientIO(threading.Thread):
         """Whether the caller is running the controller's code (its thread, or a thread
         submitting a task to it inline: see Hub.post_task)."""
         return self._hub is not None and self._hub.in_hub()
+
+    def let_waiter_run(self) -> None:
+        """Give up the GIL once: a result was just set that a thread waits on. On the
+        controller's thread the controller does it after the message at hand, with its
+        lock released (the woken thread may then submit its next task itself)."""
+        hub = self._hub
+        if hub is not None and threading.get_ident() == hub.thread_ident:
+            hub.yield_after_message()
+        else:
+            time.sleep(0)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the I/O thread, after the messages queued before it."""

@@ -115,6 +115,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         self._lock = threading.Lock()
         self._inline_ident = 0  # the thread submitting inline, while it does
         self._sleep_until = 0.0  # when the waiting hub thread wakes anyway (monotonic)
+        self._yield_pending = False  # a client here woke a waiting thread: see _yield
         self._engine_socks: dict[int, tuple[zmq.Socket, zmq.Socket, str]] = {}
         self._control_groups: dict[str, dict] = {}  # control msg_id -> waiting hub request
         self._control_engine: dict[str, int] = {}  # control msg_id -> engine id
@@ -245,6 +246,21 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             with self._post_lock:
                 directzmq.send(self.wake_push, [b""])
 
+    def yield_after_message(self) -> None:
+        """Called on the hub's thread by a client of this process that just woke a
+        thread waiting on a result: after this message the hub gives up its lock and
+        the GIL once, so that thread runs now (and may submit its next task inline)
+        rather than after the hub's next wait for sockets."""
+        self._yield_pending = True
+
+    def _yield(self) -> None:
+        self._yield_pending = False
+        self._lock.release()
+        try:
+            time.sleep(0)
+        finally:
+            self._lock.acquire()
+
     def in_hub(self) -> bool:
         """Whether the caller runs the hub's code now: its thread, or a submitting one."""
         ident = threading.get_ident()
@@ -304,6 +320,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                             handler(frames)
                         except Exception:  # a bug or bad input must not stop the hub
                             log.exception("controller: error handling a message")
+                        if self._yield_pending:
+                            self._yield()
                     else:  # not drained: its signal is spent, so look again next time
                         self.poller.recheck(sock)
                     frames = None  # a big message is not kept alive while the hub waits
