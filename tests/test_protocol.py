@@ -106,6 +106,27 @@ def test_json_parts_take_what_jupyters_packer_takes(session):
     assert session.deserialize(rest)["content"]["big"] == 2**70
 
 
+def test_the_plain_copies_of_session_traits_follow_the_traits():
+    from jupyter_client.session import Session
+
+    farm, stock = FarmSession(key=b"one", session="S1", username="u1"), Session(key=b"one")
+    parts = [b'{"a": 1}', b"{}", b"{}", b"{}"]
+    assert farm.sign(parts) == stock.sign(parts)
+    farm.key = stock.key = b"two"  # a new key: a new HMAC, for signing and verifying
+    assert farm.sign(parts) == stock.sign(parts)
+    farm.session, farm.username = "S2", "u2"
+    header = farm.msg_header("apply_request")
+    assert header["session"] == "S2" and header["username"] == "u2"
+    assert header["msg_id"].startswith("S2_")
+    assert list(header) == list(stock.msg_header("apply_request"))
+    farm.key = b""  # no key: unsigned messages, as Jupyter's Session
+    assert farm.sign(parts) == b""
+    seen = []
+    farm.pack = lambda obj: seen.append(obj) or b"{}"
+    farm.serialize_with_buffers(farm.msg("x", content={"c": 1}), None, [])
+    assert {"c": 1} in seen
+
+
 def test_wrong_key_and_replay_are_rejected(session):
     frames = session.serialize_with_buffers(session.msg("connection_request", {}), None, [])
     _, rest = split_identities(frames)

@@ -150,7 +150,7 @@ class CommandEffects:
         # for msg_id) costs a fifth of Session.send's; the same message, signed the same
         hb = self._hb_parts
         self._hb_count += 1
-        header = self.session.pack({
+        header = self.session.pack_part({
             "msg_id": f"{hb[0]}{self._hb_count}", "msg_type": "heartbeat_reply",
             "username": self.session.username, "session": self.session.session,
             "date": iso_now(), "version": hb[1]})
@@ -163,7 +163,7 @@ class CommandEffects:
 
         self._hb_count = 0
         return (f"{self.session.session}-hb-", protocol_version,
-                self.session.pack({"status": "ok"}), self.session.pack({"status": "unknown"}))
+                self.session.pack_part({"status": "ok"}), self.session.pack_part({"status": "unknown"}))
 
     def _do_NotifyClients(self, cmd: C.NotifyClients) -> None:
         for ident in list(self.state.clients):

@@ -394,7 +394,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
     def _content(self, msg_type: str, rest: list, what: str) -> dict | None:
         """The decoded content if it fits its schema; None (counted, logged) if not."""
         try:
-            content = self.session.unpack(frames_bytes(rest[4]))
+            content = self.session.unpack_part(frames_bytes(rest[4]))
             validate(msg_type, content)
         except (SchemaError, ValueError) as e:
             self.dropped["schema"] += 1
@@ -447,7 +447,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         md: Any = None
         copies: list = []
         try:
-            md = self.session.unpack(frames_bytes(rest[3]))
+            md = self.session.unpack_part(frames_bytes(rest[3]))
             if isinstance(md, dict) and "fanout" in md:
                 copies = fanout_pairs(md.pop("fanout"))
             fields = task_fields(md)
@@ -471,7 +471,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         """One client message for the same task on several engines (a DirectView's
         fan-out): each engine's copy gets its own msg_id and engine_id, signed here; the
         content and buffers are the message's own, shared by all copies."""
-        session, pack, handle = self.session, self.session.pack, self.state.handle
+        session, pack, handle = self.session, self.session.pack_part, self.state.handle
         parent, content, *buffers = compact([rest[2], *rest[4:]])
         msg_type, date = header["msg_type"], epoch(header.get("date"))
         # each copy's header and metadata: the shared JSON with its own first key written
@@ -517,9 +517,9 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         if decoded is None:
             return
         idents, rest, header = decoded
-        parent = self.session.unpack(frames_bytes(rest[2]))
-        content = self.session.unpack(frames_bytes(rest[4]))
-        md = self.session.unpack(frames_bytes(rest[3]))
+        parent = self.session.unpack_part(frames_bytes(rest[2]))
+        content = self.session.unpack_part(frames_bytes(rest[4]))
+        md = self.session.unpack_part(frames_bytes(rest[3]))
         msg_id = parent.get("msg_id") if isinstance(parent, dict) else None
         if msg_id is None:
             self.dropped["malformed"] += 1
@@ -543,6 +543,6 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         decoded = self._decode(frames, f"engine {engine_id} control")
         if decoded is None:
             return
-        parent = self.session.unpack(frames_bytes(decoded[1][2]))
+        parent = self.session.unpack_part(frames_bytes(decoded[1][2]))
         if isinstance(parent, dict):
             self._control_answered(parent.get("msg_id", ""))

@@ -45,19 +45,19 @@ class OutputRelay:
             return
         if header["msg_type"] not in IOPUB_RELAYED:
             return
-        parent = self.session.unpack(frames_bytes(rest[2]))
+        parent = self.session.unpack_part(frames_bytes(rest[2]))
         rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) else None
         if rec is not None:
             self._to_client([rec.client_ident, DELIM, *rest])
 
     def _relay_comm(self, msg_type: str, rest: list) -> None:
         """An engine's comm message (an ipywidget's, say) to the client that owns the comm."""
-        content = self.session.unpack(frames_bytes(rest[4]))
+        content = self.session.unpack_part(frames_bytes(rest[4]))
         comm_id = content.get("comm_id") if isinstance(content, dict) else None
         if not isinstance(comm_id, str):
             return
         if msg_type == "comm_open":
-            parent = self.session.unpack(frames_bytes(rest[2]))
+            parent = self.session.unpack_part(frames_bytes(rest[2]))
             rec = self.state.record(parent.get("msg_id", "")) if isinstance(parent, dict) \
                 else None
             if rec is None or rec.engine_id is None:

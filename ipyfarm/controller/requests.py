@@ -89,10 +89,10 @@ class ClientRequests:
         controller restarted on its SQLite records signs with a new key. The buffers and
         their signed digests are unchanged.
         """
-        header = self.session.unpack(frames_bytes(frames[1]))
+        header = self.session.unpack_part(frames_bytes(frames[1]))
         header = dict(header, msg_id=self.session.msg_id,
                       date=datetime.now(timezone.utc).isoformat())
-        parts = [self.session.pack(header), *(frames_bytes(f) for f in frames[2:5])]
+        parts = [self.session.pack_part(header), *(frames_bytes(f) for f in frames[2:5])]
         return [self.session.sign(parts), *parts, *frames[5:]], header
 
     def _q_history_request(self, ident: bytes, header: dict, content: dict) -> None:

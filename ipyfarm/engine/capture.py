@@ -213,8 +213,8 @@ class EngineSession(FarmSession):
                 "header": header,
                 "msg_id": header["msg_id"],
                 "msg_type": header["msg_type"],
-                "parent_header": extract_dates(self.unpack(head[0])),
-                "metadata": self.unpack(head[1]),
+                "parent_header": extract_dates(self.unpack_part(head[0])),
+                "metadata": self.unpack_part(head[1]),
                 "content": head[2],
                 "buffers": [m if isinstance(m, bytes | memoryview) else m.buffer
                             for m in msg_list[5:]],
@@ -256,7 +256,7 @@ class EngineSession(FarmSession):
                 self.capture.record(msg_or_type)
         if msg_or_type == "execute_reply" and not buffers and self.direct_socket is not None:
             sock = self.direct_socket(stream)
-            if sock is not None and not (self.check_pid and os.getpid() != self.pid):
+            if sock is not None and not (self._check_pid and os.getpid() != self._pid):
                 # straight to the socket, not queued on the stream for a later loop pass.
                 # The zmq fd is edge-triggered, and this send can swallow the "readable"
                 # edge of a request that arrived meanwhile: the kernel's after_direct_send
@@ -264,7 +264,7 @@ class EngineSession(FarmSession):
                 msg = self.msg(msg_or_type, content=content, parent=parent, header=header,
                                metadata=metadata)
                 self.send_frames(sock, self.serialize_with_buffers(msg, ident, []),
-                                 self.copy_threshold)
+                                 self._copy_threshold)
                 self.after_direct_send()
                 msg["tracker"] = None
                 return msg

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import DELIM, Session, extract_dates, json_packer, protocol_version
+from traitlets import observe
 
 from .replay import ReplayGuard
 
@@ -290,6 +291,55 @@ class FarmSession(Session):
         if self.unpacker in ("json", "orjson"):
             self.unpack = _unpack
         self._replay = ReplayGuard(self.digest_history_size)
+        self._sync_plain()
+
+    # The per-message paths read these plain copies of traits: a trait's read costs
+    # ~0.4 us, and a message read ~15 of them. They follow the traits' changes.
+    #: ``pack`` / ``unpack`` as plain attributes
+    pack_part: Any = staticmethod(_pack)
+    unpack_part: Any = staticmethod(_unpack)
+    _hmac_base: Any = None
+
+    @observe("pack", "unpack", "auth", "check_pid", "pid", "session", "username",
+             "copy_threshold")
+    def _plain_trait_changed(self, change: Any) -> None:
+        self._sync_plain()
+
+    def _sync_plain(self) -> None:
+        self.pack_part = self.pack
+        self.unpack_part = self.unpack
+        auth = self.auth
+        # the HMAC's own C object where the hmac module has one (its Python wrapper's
+        # copy/update/hexdigest are three more calls a signature)
+        self._hmac_base = None if auth is None else getattr(auth, "_hmac", auth)
+        self._check_pid = self.check_pid
+        self._pid = self.pid
+        self._session_id = self.session
+        self._username = self.username
+        self._copy_threshold = self.copy_threshold
+
+    def sign(self, msg_list: list) -> bytes:
+        """Jupyter's signature (HMAC of the parts, hex), from the plain copy of ``auth``."""
+        base = self._hmac_base
+        if base is None:
+            return b""
+        h = base.copy()
+        for m in msg_list:
+            h.update(m)
+        return h.hexdigest().encode()
+
+    def msg_header(self, msg_type: str) -> dict[str, Any]:
+        """Jupyter's header for a new message (same keys and values as
+        ``Session.msg_header``), from the plain copies of the session's traits."""
+        return {"msg_id": self._next_msg_id(), "msg_type": msg_type,
+                "username": self._username, "session": self._session_id,
+                "date": datetime.now(timezone.utc), "version": protocol_version}
+
+    def _next_msg_id(self) -> str:
+        """``msg_id`` (jupyter_client's format) without its trait reads."""
+        number = self.message_count
+        self.message_count = number + 1
+        return f"{self._session_id}_{os.getpid()}_{number}"
 
     def _add_digest(self, signature: bytes) -> None:
         """Remember a signature to reject replays (the last ``digest_history_size``).
@@ -320,13 +370,13 @@ class FarmSession(Session):
             msg = self.msg(
                 msg_or_type, content=content, parent=parent, header=header, metadata=metadata
             )
-        if self.check_pid and os.getpid() != self.pid:
+        if self._check_pid and os.getpid() != self._pid:
             return None
         buffers = list(buffers or [])
         to_send = self.serialize_with_buffers(msg, ident, buffers)
         tracker = None
         if stream is not None:
-            big = any(_view(b).nbytes >= self.copy_threshold for b in buffers)
+            big = any(_view(b).nbytes >= self._copy_threshold for b in buffers)
             if track and big and not hasattr(stream, "on_recv"):
                 tracker = stream.send_multipart(to_send, copy=False, track=True)
             else:
@@ -346,29 +396,31 @@ class FarmSession(Session):
         it, the date is written as text directly, and frames go out through
         :func:`send_plain`. ``sock`` is a zmq socket (not a stream).
         """
-        if self.check_pid and os.getpid() != self.pid:
+        if self._check_pid and os.getpid() != self._pid:
             return
         views = _byte_views(buffers)
-        header = {"msg_id": self.msg_id, "msg_type": msg_type, "username": self.username,
-                  "session": self.session, "date": iso_now(), "version": protocol_version}
+        header = {"msg_id": self._next_msg_id(), "msg_type": msg_type,
+                  "username": self._username, "session": self._session_id,
+                  "date": iso_now(), "version": protocol_version}
         if views:
             header["buffer_digests"] = " ".join(buffer_digest(v) for v in views)
         base = self.metadata
-        pack = self.pack
+        pack = self.pack_part
         parts = [pack(header), parent_header, pack({**base, **metadata} if base else metadata),
                  pack(content)]
         self.send_frames(sock, [*idents, DELIM, self.sign(parts), *parts, *views],
-                         self.copy_threshold)
+                         self._copy_threshold)
 
     def serialize_with_buffers(
         self, msg: dict[str, Any], ident: bytes | list[bytes] | None, buffers: list
     ) -> list:
         """``[idents..., DELIM, signature, header, parent, metadata, content, *buffers]``."""
+        pack = self.pack_part
         content = msg.get("content", {})
         if content is None:
             content = self.none
         elif isinstance(content, dict):
-            content = self.pack(content)
+            content = pack(content)
         elif isinstance(content, str):
             content = content.encode("utf8")
         views = _byte_views(buffers)
@@ -376,8 +428,7 @@ class FarmSession(Session):
         if views:
             # one string, not a list: ipykernel hashes parent headers (frozenset of items)
             header = dict(header, buffer_digests=" ".join(buffer_digest(v) for v in views))
-        parts = [self.pack(header), self.pack(msg["parent_header"]),
-                 self.pack(msg["metadata"]), content]
+        parts = [pack(header), pack(msg["parent_header"]), pack(msg["metadata"]), content]
         to_send: list = []
         if isinstance(ident, list):
             to_send.extend(ident)
@@ -402,7 +453,8 @@ class FarmSession(Session):
         if len(msg_list) < 5:
             raise SignatureError(f"malformed message: {len(msg_list)} frames, need at least 5")
         head = [frames_bytes(m) for m in msg_list[1:5]]
-        if self.auth is not None:
+        signed = self._hmac_base is not None
+        if signed:
             signature = frames_bytes(msg_list[0])
             if not signature:
                 raise SignatureError("unsigned message")
@@ -411,19 +463,19 @@ class FarmSession(Session):
             if not hmac.compare_digest(signature, self.sign(head)):
                 raise SignatureError("invalid signature")
         try:
-            header = self.unpack(head[0])
+            header = self.unpack_part(head[0])
         except Exception as e:
             raise SignatureError(f"undecodable header: {e}") from None
         if not isinstance(header, dict):
             raise SignatureError("header is not a JSON object")
         self._check_buffers(header, msg_list[5:], check_buffers)
-        if record and self.auth is not None:
+        if record and signed:
             self._add_digest(frames_bytes(msg_list[0]))
         return header
 
     def _check_buffers(self, header: dict, buffers: list, hash_them: bool = True) -> None:
         """Raise SignatureError unless ``buffers`` match the header's signed digests."""
-        if self.auth is not None and (buffers or "buffer_digests" in header):
+        if self._hmac_base is not None and (buffers or "buffer_digests" in header):
             # (a message stripped of all its buffers is refused too)
             signed = header.get("buffer_digests")
             digests = signed.split() if isinstance(signed, str) else []
@@ -460,13 +512,14 @@ class FarmSession(Session):
         """Verify signature and buffers, then decode the JSON parts; buffers stay memoryviews."""
         header = _header_dates(self.verify(msg_list, record=content))
         head = [frames_bytes(m) for m in msg_list[2:5]]
+        unpack = self.unpack_part
         message: dict[str, Any] = {
             "header": header,
             "msg_id": header["msg_id"],
             "msg_type": header["msg_type"],
-            "parent_header": _header_dates(self.unpack(head[0])),
-            "metadata": self.unpack(head[1]),
-            "content": self.unpack(head[2]) if content else head[2],
+            "parent_header": _header_dates(unpack(head[0])),
+            "metadata": unpack(head[1]),
+            "content": unpack(head[2]) if content else head[2],
         }
         message["buffers"] = [_view(m) for m in msg_list[5:]]
         return message
