@@ -76,6 +76,26 @@ def test_without_the_library_pyzmq_does_the_same(pair, monkeypatch):
         directzmq.recv(b)
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_readable_says_whether_a_message_waits(pair, monkeypatch, direct):
+    a, b = pair
+    if not direct:
+        monkeypatch.setattr(directzmq, "_lib", None)
+    assert directzmq.readable(b) is False
+    directzmq.send(a, [b"x"])
+    deadline = time.monotonic() + 5
+    while not directzmq.readable(b):
+        assert time.monotonic() < deadline, "the message never showed as waiting"
+        time.sleep(0.001)
+    assert [bytes(f) for f in _recv(b)] == [b"A", b"x"]
+    assert directzmq.readable(b) is False
+    ctx = zmq.Context()
+    closed = ctx.socket(zmq.DEALER)
+    closed.close(0)
+    assert directzmq.readable(closed) is False
+    ctx.term()
+
+
 def test_a_busy_python_thread_does_not_hold_up_sends_and_receives(pair):
     """The calls keep the GIL: with a thread spinning in Python and a 50 ms switch
     interval, pyzmq's 2,800 frame operations below would each wait up to 50 ms for the

@@ -134,13 +134,9 @@ class SocketPoller:
                 ready[sock] = None
         return [(sock, _POLLIN) for sock in ready]
 
-    @staticmethod
-    def readable(sock: Any) -> bool:
-        """Whether ``sock`` has a message waiting (asks it: the caller owns it now)."""
-        try:
-            return bool(sock.getsockopt(zmq.EVENTS) & _POLLIN)
-        except zmq.ZMQError:
-            return False  # closed meanwhile
+    #: whether ``sock`` has a message waiting (asks it: the caller owns it now); False
+    #: once closed
+    readable = staticmethod(directzmq.readable)
 
     def close(self) -> None:
         if self._epoll is not None:
