@@ -97,6 +97,8 @@ def send(sock: Any, frames: list, copy_threshold: int = BIG) -> None:
     zsend, size_t = lib.zmq_send, ctypes.c_size_t
     for i, frame in enumerate(frames):
         flags = 0 if i == last else _SNDMORE
+        if type(frame) is memoryview and frame.nbytes < copy_threshold:
+            frame = frame.tobytes()  # small: copied either way, here without pyzmq
         if type(frame) is bytes and len(frame) < copy_threshold:
             while zsend(handle, frame, size_t(len(frame)), flags | _DONTWAIT) < 0:
                 code = lib.zmq_errno()

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -215,9 +216,20 @@ def _unpack(data: Any) -> Any:
     return _json_unpack(data)
 
 
+_ISO_SECOND: tuple[int, str] = (-1, "")  # (a whole second, its ISO text): rebound whole
+
+
 def iso_now() -> str:
-    """The current UTC time as Jupyter's JSON writes a datetime (``...Z``), already text."""
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    """The current UTC time as Jupyter's JSON writes a datetime (``...Z``), already text;
+    always with microseconds. The text of the current second is formatted once."""
+    global _ISO_SECOND
+    now = time.time()
+    second = int(now)
+    cached = _ISO_SECOND
+    if cached[0] != second:
+        cached = _ISO_SECOND = (second, datetime.fromtimestamp(second, timezone.utc)
+                                .strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{int((now - second) * 1e6):06d}Z"
 
 
 _MORE = 2  # zmq.SNDMORE as a plain int: the enum's | costs more than the send
