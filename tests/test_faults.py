@@ -14,7 +14,7 @@ import zmq
 
 import ipyfarm as ipp
 from ipyfarm import error
-from ipyfarm.protocol.session import DELIM, FarmSession
+from ipyfarm.protocol.session import DELIM, FarmSession, split_identities
 
 from .conftest import alive, kill_pids, wait_until
 
@@ -84,6 +84,21 @@ def test_garbage_and_forged_messages_are_dropped(cluster, rc):
     _send_raw(info["client"], frames)
     n = hub.dropped["signature"]
     _send_raw(info["client"], frames)
+    assert wait_until(lambda: hub.dropped["signature"] > n, 5)
+    # so is a copy of a message from a client of this process, whose signature the
+    # controller does not compute again but still remembers
+    seen = []
+    post_task = rc._io._post_task
+    rc._io._post_task = lambda frames: (seen.append(list(frames)), post_task(frames))[1]
+    try:
+        marker = rc[0].apply_async(lambda: 41 + 1)
+        assert marker.get(10) == 42
+    finally:
+        rc._io._post_task = post_task
+    (local,) = seen
+    _, rest = split_identities(local)
+    n = hub.dropped["signature"]
+    _send_raw(info["client"], [DELIM, *rest])
     assert wait_until(lambda: hub.dropped["signature"] > n, 5)
     # service continues everywhere
     assert rc[:].apply_sync(lambda: "ok") == ["ok", "ok"]

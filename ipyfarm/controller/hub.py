@@ -224,7 +224,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     # nothing older is queued (order kept), and the hub still runs
                     self._inline_ident = threading.get_ident()
                     try:
-                        self._on_client(frames)
+                        self._on_client(frames, local=True)
                     except Exception:  # a bug or bad input must not reach the caller
                         log.exception("controller: error handling a message")
                     finally:
@@ -359,7 +359,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             self.wake_push.close(0)
 
     # ------------------------------------------------------------------ input
-    def _decode(self, frames: list, where: str) -> tuple[list[bytes], list, dict] | None:
+    def _decode(self, frames: list, where: str,
+                local: bool = False) -> tuple[list[bytes], list, dict] | None:
         """Split, verify and read the header; None (counted, logged) when bad."""
         # peers on the open ports are limited; engines' replies are not (a result is
         # whatever the user's task returned, and dropping one would leave it pending)
@@ -374,7 +375,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             idents, rest = split_identities(frames)
             # payload buffers are forwarded, never unpickled here: the receiving end
             # checks them against the signed digests
-            header = self.session.verify(rest, check_buffers=False)
+            header = self.session.verify(rest, check_buffers=False, signed_here=local)
             if "msg_type" not in header or "msg_id" not in header:
                 raise ValueError("header without msg_type or msg_id")
         except SignatureError as e:
@@ -408,12 +409,14 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         inbox = self._client_inbox
         while inbox:
             try:
-                self._on_client(inbox.popleft())
+                self._on_client(inbox.popleft(), local=True)
             except Exception:  # a bug or bad input must not stop the hub
                 log.exception("controller: error handling a message")
 
-    def _on_client(self, frames: list) -> None:
-        decoded = self._decode(frames, "client")
+    def _on_client(self, frames: list, local: bool = False) -> None:
+        """A client's message; ``local``: from a client of this process (attach_local),
+        whose signature the session has no need to compute again."""
+        decoded = self._decode(frames, "client", local)
         if decoded is None:
             return
         idents, rest, header = decoded

@@ -455,18 +455,23 @@ class FarmSession(Session):
     def serialize(self, msg: dict[str, Any], ident: Any = None) -> list:  # type: ignore[override]
         return self.serialize_with_buffers(msg, ident, list(msg.get("buffers", [])))
 
-    def verify(self, msg_list: list, record: bool = True, check_buffers: bool = True) -> dict:
+    def verify(self, msg_list: list, record: bool = True, check_buffers: bool = True,
+               signed_here: bool = False) -> dict:
         """Check ``[sig, header, parent, metadata, content, *buffers]``; return the header.
 
         Raises :class:`SignatureError` for a missing, wrong or replayed signature, or a
         buffer that does not match its signed digest. ``check_buffers=False`` (the
         controller, which never unpickles payloads) checks the header parts only.
+        ``signed_here``: the message was built and signed in this process and never
+        crossed a socket (a client of an embedded controller): the signature is not
+        computed again, only remembered, so that a copy replayed from outside is still
+        refused.
         """
         if len(msg_list) < 5:
             raise SignatureError(f"malformed message: {len(msg_list)} frames, need at least 5")
         head = [frames_bytes(m) for m in msg_list[1:5]]
         signed = self._hmac_base is not None
-        if signed:
+        if signed and not signed_here:
             signature = frames_bytes(msg_list[0])
             if not signature:
                 raise SignatureError("unsigned message")
