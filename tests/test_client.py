@@ -452,10 +452,16 @@ def test_small_replies_resolve_on_the_controller_thread_callbacks_never_do(rc):
                     rc[1].apply_sync(lambda: 5), len(rc[1].apply_sync(lambda: b"y" * 100_000))))
         done.set()
 
+    def slow_three():
+        import time
+
+        time.sleep(0.05)  # still running when the callback is added below
+        return 3
+
     for _ in range(20):
         ran.clear()
         done.clear()
-        ar = rc[0].apply_async(lambda: 3)
+        ar = rc[0].apply_async(slow_three)
         ar.add_done_callback(callback)
         assert done.wait(10), "a done-callback that waits on other results hung"
         assert ran[0] == ("ipyfarm-callbacks", 3, 5, 100_000), ran
