@@ -27,6 +27,8 @@ def test_engine_killed_mid_task_raises_engine_error_fast(cluster, rc):
         rc.wait_for_engines(3, timeout=30)
         engine_id = max(rc.ids)
         assert rc[engine_id].apply_sync(os.getpid) == pid
+        conn_file = rc[engine_id].apply_sync(_own_connection_file)
+        assert os.path.exists(conn_file)
         ar = rc[engine_id].apply_async(time.sleep, 60)
         time.sleep(0.2)
         t0 = time.monotonic()
@@ -40,8 +42,16 @@ def test_engine_killed_mid_task_raises_engine_error_fast(cluster, rc):
         with pytest.raises(IndexError):
             rc[engine_id]
         assert rc[:].apply_sync(lambda: 1) == [1, 1]  # the others serve on
+        # the killed engine could not remove its connection file: its launcher did
+        assert wait_until(lambda: not os.path.exists(conn_file), 5), conn_file
     finally:
         kill_pids([pid])
+
+
+def _own_connection_file():
+    import ipykernel
+
+    return ipykernel.get_connection_file()
 
 
 def _send_raw(url, frames, kind=zmq.DEALER):
@@ -441,3 +451,15 @@ def test_twenty_clusters_started_at_once_leave_nothing_behind(tmp_path):
         "engines left behind"
     assert not [f for f in os.listdir(tmp_path) if f.startswith("ipyfarm-")], \
         os.listdir(tmp_path)
+
+
+def test_an_engine_uuid_given_on_the_command_line_must_be_a_uuid():
+    from traitlets import TraitError
+
+    from ipyfarm.engine.app import FarmEngineApp
+
+    app = FarmEngineApp()
+    with pytest.raises(TraitError, match="must be a UUID"):
+        app.engine_uuid = "../../etc/passwd"  # names a file: no paths
+    app.engine_uuid = "65C859B5-E05C-4C6B-9FA7-FF0CA564F129"
+    assert app.engine_uuid == "65c859b5-e05c-4c6b-9fa7-ff0ca564f129"

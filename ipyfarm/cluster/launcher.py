@@ -20,12 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
 from .base import EngineLauncher
 
-__all__ = ["LocalEngineLauncher", "RestartPolicy", "engine_command"]
+__all__ = ["LocalEngineLauncher", "RestartPolicy", "engine_command", "engine_connection_file"]
 
 log = logging.getLogger("ipyfarm.cluster")
 
@@ -64,14 +65,24 @@ class RestartPolicy:
 
 
 def engine_command(controller_file: str | Path, parent_pid: int | None = None,
-                   log_level: str = "WARNING", python: str = sys.executable) -> list[str]:
+                   log_level: str = "WARNING", python: str = sys.executable,
+                   engine_uuid: str | None = None) -> list[str]:
     """The command line that starts one engine for the controller in ``controller_file``."""
     level = {"WARNING": "WARN"}.get(log_level.upper(), log_level.upper())
     cmd = [python, "-m", "ipyfarm.engine", "--controller-file", str(controller_file),
            "--log-level", level]
     if parent_pid is not None:
         cmd += ["--parent-pid", str(parent_pid)]
+    if engine_uuid is not None:
+        cmd += ["--engine-uuid", engine_uuid]
     return cmd
+
+
+def engine_connection_file(engine_uuid: str) -> Path:
+    """Where a local engine with ``engine_uuid`` writes its connection file."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return Path(jupyter_runtime_dir()) / f"ipyfarm-engine-{engine_uuid}.json"
 
 
 class LocalEngineLauncher(EngineLauncher):
@@ -93,13 +104,16 @@ class LocalEngineLauncher(EngineLauncher):
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._files: dict[int, Path] = {}  # pid -> the engine's connection file
 
     def start(self, n: int) -> list[int]:
         """Start ``n`` engines; returns their pids."""
-        cmd = engine_command(self.controller_file, os.getpid(), self.log_level)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         pids = []
         for _ in range(n):
+            engine_uuid = str(uuid.uuid4())
+            cmd = engine_command(self.controller_file, os.getpid(), self.log_level,
+                                 engine_uuid=engine_uuid)
             out = subprocess.DEVNULL
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -113,9 +127,11 @@ class LocalEngineLauncher(EngineLauncher):
                 stopping = self._stopping.is_set()
                 if not stopping:
                     self.procs[proc.pid] = proc
+                    self._files[proc.pid] = engine_connection_file(engine_uuid)
             if stopping:  # stop() ran meanwhile (a restart racing the cluster's stop)
                 proc.kill()
                 proc.wait(5)
+                engine_connection_file(engine_uuid).unlink(missing_ok=True)
                 continue
             pids.append(proc.pid)
         self._ensure_watcher()
@@ -138,6 +154,7 @@ class LocalEngineLauncher(EngineLauncher):
                         if self.procs.pop(pid, None) is None:
                             continue  # stop() took it and reported it
                         self.exited[pid] = rc
+                    self._remove_file(pid)
                     if self.on_exit is not None and not self._stopping.is_set():
                         self.on_exit(pid, rc)
                     if self.restart is not None and not self._stopping.is_set():
@@ -146,6 +163,18 @@ class LocalEngineLauncher(EngineLauncher):
                 time.sleep(self.poll_interval)
                 continue
             self._stopping.wait(self.poll_interval)
+
+    def _remove_file(self, pid: int) -> None:
+        """An engine that exited cleanly removed its connection file itself; one that was
+        killed (SIGKILL, the OOM killer) could not: remove what it left."""
+        with self._lock:
+            path = self._files.pop(pid, None)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not remove the connection file %s of engine process "
+                            "%d: %s", path, pid, e)
 
     def _maybe_restart(self, pid: int, returncode: int) -> None:
         with self._lock:
@@ -209,5 +238,6 @@ class LocalEngineLauncher(EngineLauncher):
             with self._lock:
                 mine = self.procs.pop(pid, None) is not None  # else the watcher reported it
                 self.exited[pid] = proc.returncode
+            self._remove_file(pid)
             if mine and self.on_exit is not None and not self._stopping.is_set():
                 self.on_exit(pid, proc.returncode)

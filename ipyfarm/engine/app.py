@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases, kernel_flags
-from traitlets import Bool, Dict, Float, Integer, Type, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, TraitError, Type, Unicode, default, validate
 
 from ipyfarm import curve
 from ipyfarm.engine.capture import EngineSession
@@ -166,6 +166,7 @@ engine_aliases = {
     "signature-scheme": "FarmEngineApp.signature_scheme",
     "parent-pid": "FarmEngineApp.parent_pid",
     "registration-timeout": "FarmEngineApp.registration_timeout",
+    "engine-uuid": "FarmEngineApp.engine_uuid",
 }
 
 
@@ -206,7 +207,17 @@ class FarmEngineApp(IPKernelApp):
     ).tag(config=True)
     mpi = Bool(False, help="initialise MPI (mpi4py) and register with mpi_rank/mpi_size; "
                "automatic when mpiexec started the engine").tag(config=True)
-    engine_uuid = Unicode(help="this engine's uuid (names its connection file)")
+    engine_uuid = Unicode(help="this engine's uuid (names its connection file); a new "
+                          "one by default (launchers pass one, to clean up after a "
+                          "killed engine)").tag(config=True)
+
+    @validate("engine_uuid")
+    def _valid_engine_uuid(self, proposal: Any) -> str:
+        value = proposal["value"]
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise TraitError(f"--engine-uuid must be a UUID, not {value!r}") from None
 
     @default("outstream_class")
     def _default_outstream_class(self) -> str:
