@@ -119,6 +119,15 @@ def test_the_plain_copies_of_session_traits_follow_the_traits():
     assert header["session"] == "S2" and header["username"] == "u2"
     assert header["msg_id"].startswith("S2_")
     assert list(header) == list(stock.msg_header("apply_request"))
+    # the hmac module's pure-Python path (no OpenSSL object): still signed, the same way
+    import hmac as hmac_module
+
+    pure = hmac_module.HMAC(b"two", digestmod="sha256")
+    if hasattr(pure, "_init_old"):  # (CPython's hmac module up to 3.13)
+        pure._init_old(b"two", None, "sha256")
+        assert pure._hmac is None
+        farm.auth = pure
+        assert farm.sign(parts) == stock.sign(parts)
     farm.key = b""  # no key: unsigned messages, as Jupyter's Session
     assert farm.sign(parts) == b""
     seen = []

@@ -322,8 +322,9 @@ class FarmSession(Session):
         self.unpack_part = self.unpack
         auth = self.auth
         # the HMAC's own C object where the hmac module has one (its Python wrapper's
-        # copy/update/hexdigest are three more calls a signature)
-        self._hmac_base = None if auth is None else getattr(auth, "_hmac", auth)
+        # copy/update/hexdigest are three more calls a signature); the wrapper itself
+        # where it has none (its pure-Python path sets ``_hmac`` to None)
+        self._hmac_base = None if auth is None else (getattr(auth, "_hmac", None) or auth)
         self._check_pid = self.check_pid
         self._pid = self.pid
         self._session_id = self.session
@@ -406,7 +407,7 @@ class FarmSession(Session):
         The same wire message as :meth:`send` makes, with three steps saved: the parent
         header is the request's own (verified) header bytes rather than a re-encoding of
         it, the date is written as text directly, and frames go out through
-        :func:`send_plain`. ``sock`` is a zmq socket (not a stream).
+        :attr:`send_frames`. ``sock`` is a zmq socket (not a stream).
         """
         if self._check_pid and os.getpid() != self._pid:
             return
