@@ -123,7 +123,11 @@ class AsyncResult(Future):
             # let the thread just woken run now: this thread (the controller's or the
             # client's I/O thread) would otherwise keep the GIL until its next wait
             # for sockets (~30 us of a round trip here)
-            self._client._io.let_waiter_run()
+            io = getattr(self._client, "_io", None)
+            if io is not None:
+                io.let_waiter_run()
+            else:
+                time.sleep(0)
 
     def _reconstruct(self, results: list) -> Any:
         if self._single_result:

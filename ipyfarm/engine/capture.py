@@ -165,8 +165,8 @@ class OutputCapture:
 class EngineSession(FarmSession):
     """The engine's :class:`FarmSession`: records captured outputs as it sends them."""
 
-    # replies go out with the GIL kept (pyzmq releases it for each frame, and the
-    # kernel's other threads then take it: ~50 us a reply here)
+    # replies go out with the GIL kept, as the controller's messages do (pyzmq releases
+    # it for each frame, letting the kernel's other threads in mid-message)
     send_frames = staticmethod(directzmq.send)
 
     max_output_text = Integer(

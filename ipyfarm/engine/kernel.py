@@ -36,8 +36,7 @@ from traitlets import default
 from ipyfarm.engine import ops
 from ipyfarm.engine.capture import Captured, EngineSession, OutputCapture
 from ipyfarm.protocol.messages import SchemaError, validate
-from ipyfarm.protocol.session import _unpack as unpack_json
-from ipyfarm.protocol.session import frames_bytes, iso_now
+from ipyfarm.protocol.session import frames_bytes, iso_now, unpack_json
 from ipyfarm.protocol.serialize import (
     SerializationError,
     dumps,

@@ -47,6 +47,7 @@ __all__ = [
     "iso_now",
     "send_plain",
     "split_identities",
+    "unpack_json",
 ]
 
 
@@ -215,6 +216,9 @@ def _unpack(data: Any) -> Any:
             pass
     return _json_unpack(data)
 
+
+#: a JSON message part read as the sessions read it (for peeks before verification)
+unpack_json = _unpack
 
 _ISO_SECOND: tuple[int, str] = (-1, "")  # (a whole second, its ISO text): rebound whole
 
