@@ -561,3 +561,16 @@ def test_a_big_result_is_freed_once_purged(rc):
     gc.collect()
     grown = (proc.memory_info().rss - base) / 2**20
     assert grown < 100, f"the notebook's process kept {grown:.0f} MB after a 256 MB pull"
+
+
+def test_get_tells_a_task_that_raised_timeouterror_from_a_result_not_ready(rc):
+    def times_out():
+        raise TimeoutError("the task's own timeout")
+
+    ar = rc[0].apply_async(times_out)
+    with pytest.raises(ipp.error.RemoteError, match="the task's own timeout"):
+        ar.get(10)
+    slow = rc[0].apply_async(time.sleep, 0.5)
+    with pytest.raises(ipp.error.TimeoutError, match="results ready after 0.05 s"):
+        slow.get(0.05)
+    assert slow.get(5) is None

@@ -158,12 +158,15 @@ class AsyncResult(Future):
 
     def get(self, timeout: float | None = -1) -> Any:
         """The result, waiting up to ``timeout`` seconds; raises the remote error if any."""
-        if not self.wait(timeout):
-            raise error.TimeoutError(
-                f"{self._fname}: {self.progress}/{len(self)} results ready after "
-                f"{timeout} s. The tasks are still running; wait longer, or abort() them."
-            )
-        return self.result(0)
+        try:
+            return self.result(_timeout(timeout))  # one wait, one look at the state
+        except FuturesTimeout:
+            if self.done():
+                raise  # the result itself is a timeout error (a task's): raised as is
+        raise error.TimeoutError(
+            f"{self._fname}: {self.progress}/{len(self)} results ready after "
+            f"{timeout} s. The tasks are still running; wait longer, or abort() them."
+        )
 
     @property
     def r(self) -> Any:
