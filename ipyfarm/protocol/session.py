@@ -123,8 +123,10 @@ def _sha256(view: memoryview) -> str:
 
 
 def _blake3(view: memoryview) -> str:
-    threads = _blake3_mod.blake3.AUTO if view.nbytes > 2 * CHUNK else 1
-    return "blake3:" + _blake3_mod.blake3(view, max_threads=threads).hexdigest()
+    if view.nbytes > 2 * CHUNK:
+        return "blake3:" + _blake3_mod.blake3(view, max_threads=_blake3_mod.blake3.AUTO
+                                              ).hexdigest()
+    return "blake3:" + _blake3_mod.blake3(view).hexdigest()  # one thread, the default
 
 
 try:
