@@ -268,19 +268,15 @@ class FarmKernel(IPythonKernel):
             key = (raw_cell, transformed_cell, preprocessing_exc_tuple)
             if last[2] is not None and all(a is b for a, b in zip(last[2], key, strict=True)):
                 return last[3]
-            known = None
-            if (preprocessing_exc_tuple is None and type(transformed_cell) is str
-                    and shell.autoawait):
-                # whether a text has a top-level await is a property of the text: one
-                # compile per distinct cell, not per execute
-                known = _HAS_TOP_LEVEL_AWAIT.get(transformed_cell)
-            if known is not None:
-                answer = known
-            else:
+            # whether a text has a top-level await is a property of the text: one
+            # compile per distinct cell, not per execute
+            cacheable = (preprocessing_exc_tuple is None and type(transformed_cell) is str
+                         and len(transformed_cell) <= _CELL_CACHE_CHARS and shell.autoawait)
+            answer = _HAS_TOP_LEVEL_AWAIT.get(transformed_cell) if cacheable else None
+            if answer is None:
                 answer = should_async(raw_cell, transformed_cell=transformed_cell,
                                       preprocessing_exc_tuple=preprocessing_exc_tuple)
-                if (preprocessing_exc_tuple is None and type(transformed_cell) is str
-                        and shell.autoawait and len(transformed_cell) <= _CELL_CACHE_CHARS):
+                if cacheable:
                     _remember(_HAS_TOP_LEVEL_AWAIT, transformed_cell, bool(answer))
             last[2], last[3] = key, answer
             return answer

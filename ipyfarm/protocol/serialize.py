@@ -191,6 +191,9 @@ def pack_apply(f: Any, args: tuple, kwargs: dict) -> list:
 #: the engine's side of :data:`_NO_ARG_CALLS`: the request's bytes -> the function
 #: they rebuild, for ``f()`` of an interactive function without closure or attributes
 _NO_ARG_FUNCTIONS: dict[bytes, types.FunctionType] = {}
+#: how the pickle of ``(f, (), {})`` ends (empty tuple, empty dict, the 3-tuple, stop):
+#: a request that ends otherwise has arguments and is neither copied nor looked up
+_NO_ARG_TAIL = b")}\x94\x87\x94."
 
 
 def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
@@ -205,7 +208,8 @@ def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
     nothing of one call reaches the next. Any other function is rebuilt each time.
     """
     key = None
-    if len(frames) == 1 and len(frames[0]) <= 16384:
+    if (len(frames) == 1 and len(frames[0]) <= 16384
+            and bytes(frames[0][-len(_NO_ARG_TAIL):]) == _NO_ARG_TAIL):
         key = bytes(frames[0])
         cached = _NO_ARG_FUNCTIONS.get(key)
         if cached is not None:
