@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from .protocol.received import MARK as _RECEIVED
 from .protocol.session import COPY_THRESHOLD, send_plain
 
 __all__ = ["BIG", "available", "readable", "recv", "send", "try_recv"]
@@ -200,6 +201,7 @@ def try_recv(sock: Any) -> list | None:
             lib.zmq_msg_init(own)
             lib.zmq_msg_move(own, msg)
             buf = (ctypes.c_char * size).from_address(data(own))
+            setattr(buf, _RECEIVED, True)  # only ever handed out read-only
             weakref.finalize(buf, lib.zmq_msg_close, own)
             frames.append(memoryview(buf).cast("B").toreadonly())
         if not more:

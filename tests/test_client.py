@@ -574,3 +574,50 @@ def test_get_tells_a_task_that_raised_timeouterror_from_a_result_not_ready(rc):
     with pytest.raises(ipp.error.TimeoutError, match="results ready after 0.05 s"):
         slow.get(0.05)
     assert slow.get(5) is None
+
+
+def test_memory_that_came_in_signed_is_not_hashed_again_to_go_back(rc, monkeypatch):
+    """A pushed array pulled back, and a pulled array pushed again: the sending end
+    reuses the digest it checked on receipt (the receiving end still checks)."""
+    from ipyfarm.protocol import session as session_mod
+
+    counting = """
+from ipyfarm.protocol import session as _s
+_big_hashes = [0]
+_orig_blake3 = _s._ALGORITHMS["blake3"]
+def _counted(view, _orig=_orig_blake3):
+    if view.nbytes >= 2**20:
+        _big_hashes[0] += 1
+    return _orig(view)
+_s._ALGORITHMS["blake3"] = _counted
+"""
+    e0 = rc[0]
+    e0.execute(counting, block=True)
+    here = [0]
+    orig = session_mod._ALGORITHMS["blake3"]
+
+    def counted(view):
+        if view.nbytes >= 2**20:
+            here[0] += 1
+        return orig(view)
+
+    monkeypatch.setitem(session_mod._ALGORITHMS, "blake3", counted)
+    try:
+        arr = np.arange(2**20, dtype=np.float64)  # 8 MB
+        e0.push({"reuse_me": arr}, block=True)
+        assert here[0] == 1  # hashed to sign the push
+        assert e0.apply_sync(lambda: _big_hashes[0]) == 1  # noqa: F821  (checked on arrival)
+        back = e0.pull("reuse_me", block=True)
+        assert np.array_equal(back, arr) and not back.flags.writeable
+        assert e0.apply_sync(lambda: _big_hashes[0]) == 1  # noqa: F821  (sent back: known)
+        assert here[0] == 2  # checked on arrival here
+        e0.push({"again": back}, block=True)
+        assert here[0] == 2  # pushed again: known here
+        assert e0.apply_sync(lambda: np.array_equal(again, reuse_me)) is True  # noqa: F821
+        assert e0.apply_sync(lambda: _big_hashes[0]) == 2  # noqa: F821  (checked again)
+        fresh = e0.apply_sync(lambda: reuse_me * 2)  # noqa: F821  (new memory: hashed)
+        assert np.array_equal(fresh, arr * 2)
+        assert e0.apply_sync(lambda: _big_hashes[0]) == 3  # noqa: F821
+    finally:
+        e0.execute("_s._ALGORITHMS['blake3'] = _orig_blake3; reuse_me = again = None",
+                   block=True)

@@ -53,9 +53,18 @@ def test_engine_session_limits_are_settings():
     cfg.EngineSession.max_outputs = 7
     s = EngineSession(key=b"k", config=cfg)
     captured = s.capture.begin("m")
-    assert (captured._stdout.limit, captured.max_outputs) == (123, 7)
+    captured.add("stream", {"name": "stdout", "text": "x" * 200})
+    captured.add("stream", {"name": "stderr", "text": "y" * 200})
+    md = captured.as_metadata()
+    assert md["stdout"].startswith("x" * 123) and not md["stdout"].startswith("x" * 124)
+    assert md["stderr"].startswith("y" * 123) and not md["stderr"].startswith("y" * 124)
+    assert captured.max_outputs == 7
     s.max_output_text = 5
-    assert s.capture.begin("n")._stdout.limit == 5
+    later = s.capture.begin("n")
+    later.add("stream", {"name": "stdout", "text": "z" * 10})
+    assert later.as_metadata()["stdout"].startswith("z" * 5 + "\n")
+    # nothing printed: empty texts
+    assert s.capture.begin("o").as_metadata()["stdout"] == ""
 
 
 # ---- real engines -----------------------------------------------------------------------

@@ -457,3 +457,78 @@ def test_functions_passed_as_arguments_resolve_names_on_the_engine():
 
     frames = serialize.pack_apply(apply_to, (ns["scaled"], 1, 2), {"key": ns["scaled"]})
     assert _run(frames, {"factor": 10}) == [10, 20, 10]
+
+
+def _received(nbytes: int, fill: bytes = b"\x07"):
+    """Memory as ipyfarm.directzmq hands out a big received frame: a marked ctypes
+    array, seen through a read-only byte view."""
+    import ctypes
+
+    from ipyfarm.protocol import received
+
+    buf = (ctypes.c_char * nbytes)()
+    ctypes.memset(buf, fill[0], nbytes)
+    setattr(buf, received.MARK, True)
+    return buf, memoryview(buf).cast("B").toreadonly()
+
+
+def test_a_checked_received_buffer_is_sent_on_with_its_known_digest():
+    import ctypes
+    import gc
+    import pickle
+
+    import numpy as np
+
+    from ipyfarm.protocol import received
+    from ipyfarm.protocol.session import buffer_digest
+
+    n = received.MIN_BYTES
+    buf, view = _received(n)
+    key = (ctypes.addressof(buf), n)
+    received.remember(view, "blake3:not-computed-here")
+    assert received._known.get(key) == "blake3:not-computed-here"
+    # the whole memory, read-only (an array over it, as unpickling makes, pickled again
+    # to be sent on): known
+    arr = np.frombuffer(view, dtype=np.uint8)
+    assert not arr.flags.writeable
+    assert buffer_digest(pickle.PickleBuffer(arr).raw()) == "blake3:not-computed-here"
+    # a part of it, or a check (which names its algorithm), is always hashed
+    assert buffer_digest(view[1:]) != "blake3:not-computed-here"
+    assert buffer_digest(view, "blake3") != "blake3:not-computed-here"
+    # gone with the memory
+    del arr, view, buf
+    gc.collect()
+    assert key not in received._known
+
+
+def test_only_marked_read_only_big_memory_is_remembered():
+    import ctypes
+
+    from ipyfarm.protocol import received
+
+    n = received.MIN_BYTES
+    plain = (ctypes.c_char * n)()  # not received: unmarked
+    received.remember(memoryview(plain).cast("B").toreadonly(), "blake3:x")
+    buf, view = _received(n)
+    received.remember(memoryview(buf).cast("B"), "blake3:x")  # writable view
+    small_buf, small = _received(1024)
+    received.remember(small, "blake3:x")  # small: hashing is cheaper
+    for owner, size in ((plain, n), (buf, n), (small_buf, 1024)):
+        assert (ctypes.addressof(owner), size) not in received._known
+
+
+def test_a_wrong_known_digest_gets_the_message_refused_not_accepted():
+    """The receiver always hashes: a remembered digest that no longer matched its memory
+    would make the message fail its check, never pass a changed buffer."""
+    import ctypes
+
+    from ipyfarm.protocol import received
+    from ipyfarm.protocol.session import FarmSession, SignatureError
+
+    a, b = FarmSession(key=b"k" * 32), FarmSession(key=b"k" * 32)
+    buf, view = _received(received.MIN_BYTES)
+    b.deserialize(a.serialize_with_buffers(a.msg("x", {}), None, [view])[1:])  # remembers
+    ctypes.memset(buf, 0, 16)  # (only possible here, through the raw owner)
+    frames = a.serialize_with_buffers(a.msg("x", {}), None, [view])
+    with pytest.raises(SignatureError, match="buffer 0 does not match"):
+        FarmSession(key=b"k" * 32).deserialize(frames[1:])

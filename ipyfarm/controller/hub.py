@@ -40,7 +40,15 @@ from .poller import SocketPoller
 from .relay import COMM_TYPES, OutputRelay
 from .requests import ClientRequests
 from .state import ControllerState
-from .wire import RateLimitedLog, compact, epoch, fanout_pairs, frames_nbytes, task_fields
+from .wire import (
+    RateLimitedLog,
+    compact,
+    epoch,
+    epoch_of,
+    fanout_pairs,
+    frames_nbytes,
+    task_fields,
+)
 
 log = logging.getLogger("ipyfarm.controller")
 
@@ -534,7 +542,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         rest = compact(rest)
         ev = E.ReplyArrived(
             time.monotonic(), engine_id, msg_id, status, rest, frames_nbytes(rest),
-            epoch(md.get("started")), epoch(md.get("completed")), idents[0] if idents else None,
+            epoch_of(md, "started"), epoch_of(md, "completed"), idents[0] if idents else None,
             content.get("ename"), content.get("evalue"), md.get("engine_uuid"),
             md.get("properties"),
             # for a client of this process: what it would otherwise verify and decode again

@@ -19,8 +19,8 @@ from .dependencies import DepSpec
 
 log = logging.getLogger("ipyfarm.controller")
 
-__all__ = ["RateLimitedLog", "compact", "epoch", "fanout_pairs", "frames_nbytes",
-           "task_fields"]
+__all__ = ["RateLimitedLog", "compact", "epoch", "epoch_of", "fanout_pairs",
+           "frames_nbytes", "task_fields"]
 
 
 def epoch(value: Any) -> float | None:
@@ -34,6 +34,22 @@ def epoch(value: Any) -> float | None:
         return parse_date(value).timestamp()
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+def epoch_of(md: dict, key: str) -> float | None:
+    """:func:`epoch` of ``md[key]``; a date read is left in ``md`` as the datetime it
+    is, so that a client of this process, which gets this very dict, does not parse
+    it again."""
+    value = md.get(key)
+    if value is None:
+        return None
+    try:
+        parsed = parse_date(value)
+        seconds = parsed.timestamp()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    md[key] = parsed
+    return seconds
 
 
 class RateLimitedLog:

@@ -93,12 +93,14 @@ class CappedText:
 class Captured:
     """Outputs of one request, in the shape of the reply metadata, within the caps."""
 
-    __slots__ = ("_stdout", "_stderr", "outputs", "max_outputs", "dropped_outputs",
-                 "execute_result", "error")
+    __slots__ = ("_stdout", "_stderr", "_max_text", "outputs", "max_outputs",
+                 "dropped_outputs", "execute_result", "error")
 
     def __init__(self, max_text: int = MAX_OUTPUT_TEXT, max_outputs: int = MAX_OUTPUTS) -> None:
-        self._stdout = CappedText("stdout", max_text)
-        self._stderr = CappedText("stderr", max_text)
+        # the texts are made on the first output: most tasks print nothing
+        self._stdout: CappedText | None = None
+        self._stderr: CappedText | None = None
+        self._max_text = max_text
         self.outputs: list[dict] = []
         self.max_outputs = max(0, max_outputs)
         self.dropped_outputs = 0
@@ -107,7 +109,14 @@ class Captured:
 
     def add(self, msg_type: str, content: dict) -> None:
         if msg_type == "stream":
-            target = self._stderr if content.get("name") == "stderr" else self._stdout
+            if content.get("name") == "stderr":
+                target = self._stderr
+                if target is None:
+                    target = self._stderr = CappedText("stderr", self._max_text)
+            else:
+                target = self._stdout
+                if target is None:
+                    target = self._stdout = CappedText("stdout", self._max_text)
             text = content.get("text", "")
             target.add(text if isinstance(text, str) else str(text))
         elif msg_type == "display_data":
@@ -133,8 +142,8 @@ class Captured:
                     f"outputs were not kept (limit {self.max_outputs})]")
             outputs = [*outputs, {"data": {"text/plain": note}, "metadata": {}}]
         return {
-            "stdout": self._stdout.value(),
-            "stderr": self._stderr.value(),
+            "stdout": "" if self._stdout is None else self._stdout.value(),
+            "stderr": "" if self._stderr is None else self._stderr.value(),
             "outputs": outputs,
             "execute_result": self.execute_result,
             "error": self.error,
@@ -193,7 +202,7 @@ class EngineSession(FarmSession):
             self.capture.max_outputs = self.max_outputs
 
     def deserialize(  # type: ignore[override]
-        self, msg_list: list, content: bool = True, copy: bool = True
+        self, msg_list: list, content: bool = True, copy: bool = True, dates: bool = True
     ) -> dict[str, Any]:
         """FarmSession's, with two engine-specific changes.
 
@@ -205,7 +214,7 @@ class EngineSession(FarmSession):
           buffers by ``frozenset(parent_header.items())``, which a list breaks.
         """
         if content:
-            msg = super().deserialize(msg_list, content=True, copy=copy)
+            msg = super().deserialize(msg_list, content=True, copy=copy, dates=dates)
         else:
             header = extract_dates(self.verify(msg_list, record=False, check_buffers=False))
             head = [frames_bytes(m) for m in msg_list[2:5]]

@@ -204,10 +204,17 @@ class FarmKernel(IPythonKernel):
             session.after_direct_send = lambda: loop.call_soon(on_events, fd, 0)
 
     def _apply_now(self, msg: list) -> None:
-        """What ``dispatch_shell`` does for an apply_request, without the event loop."""
-        idents, frames = self.session.feed_identities(msg, copy=False)
+        """What ``dispatch_shell`` does for an apply_request, without the event loop.
+
+        The headers' dates stay text: nothing on this path reads them (outputs carry
+        the parent header as it came, the reply the request's header bytes)."""
+        if type(msg[0]) is bytes:  # the direct reader's frames (_is_apply_frames found one)
+            i = msg.index(_DELIM)
+            idents, frames = msg[:i], msg[i + 1:]
+        else:
+            idents, frames = self.session.feed_identities(msg, copy=False)
         try:
-            parent = self.session.deserialize(frames, content=True, copy=False)
+            parent = self.session.deserialize(frames, content=True, copy=False, dates=False)
         except Exception:
             self.log.error("Invalid Message", exc_info=True)
             return

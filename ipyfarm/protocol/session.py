@@ -17,6 +17,10 @@ payloads it never unpickles, so it checks only the small header parts (a
 (client and engine) check every buffer against its digest before anything is
 decoded. And a message is, byte for byte, a standard Jupyter message: stock
 clients (``jupyter console --existing``) verify it as usual.
+
+A big buffer that arrived signed and is sent on unchanged (a pushed array pulled back)
+reuses the digest checked on arrival rather than hashing it again: see
+:mod:`ipyfarm.protocol.received`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from jupyter_client.jsonutil import json_default
 from jupyter_client.session import DELIM, Session, extract_dates, json_packer, protocol_version
 from traitlets import observe
 
+from . import received
 from .replay import ReplayGuard
 
 __all__ = [
@@ -146,8 +151,11 @@ def buffer_digest(buf: Any, algorithm: str | None = None) -> str:
     there, else SHA-256 (a tree hash of 4 MiB chunks on threads above 8 MiB).
     """
     view = _flat(buf)
-    if algorithm is None:
+    if algorithm is None:  # (a digest to sign; a check names its algorithm)
         algorithm = "blake3" if _blake3_mod is not None else "sha256"
+        digest = received.known(view)  # memory that came in signed, sent on whole
+        if digest is not None and digest.startswith(algorithm + ":"):
+            return digest
     try:
         return _ALGORITHMS[algorithm](view)
     except KeyError:
@@ -510,13 +518,15 @@ class FarmSession(Session):
                 for i, (buf, want) in enumerate(zip(buffers, digests, strict=True)):
                     if not check_digest(buf, want):
                         raise SignatureError(f"buffer {i} does not match its signed digest")
+                    received.remember(_flat(buf), want)
 
     def from_parsed(self, parsed: Parsed) -> dict[str, Any]:
         """The message :meth:`deserialize` would give for a reply the controller of this
         process has already verified and decoded (see :class:`Parsed`).
 
         The header parts were checked by the controller; the buffers, which it forwards
-        without hashing, are checked here against their signed digests.
+        without hashing, are checked here against their signed digests. The parent
+        header (the client's own request) keeps its date as text.
         """
         self._check_buffers(parsed.header, parsed.buffers)
         header = _header_dates(parsed.header)
@@ -524,24 +534,31 @@ class FarmSession(Session):
             "header": header,
             "msg_id": header["msg_id"],
             "msg_type": header["msg_type"],
-            "parent_header": _header_dates(parsed.parent),
+            # the parent is the client's own request: its date is never read again
+            "parent_header": parsed.parent,
             "metadata": parsed.metadata,
             "content": parsed.content,
             "buffers": [_view(m) for m in parsed.buffers],
         }
 
     def deserialize(  # type: ignore[override]
-        self, msg_list: list, content: bool = True, copy: bool = True
+        self, msg_list: list, content: bool = True, copy: bool = True, dates: bool = True
     ) -> dict[str, Any]:
-        """Verify signature and buffers, then decode the JSON parts; buffers stay memoryviews."""
-        header = _header_dates(self.verify(msg_list, record=content))
+        """Verify signature and buffers, then decode the JSON parts; buffers stay memoryviews.
+
+        ``dates=False`` leaves the headers' dates as the text that came (a reader that
+        never looks at them saves parsing two)."""
+        header = self.verify(msg_list, record=content)
         head = [frames_bytes(m) for m in msg_list[2:5]]
         unpack = self.unpack_part
+        parent = unpack(head[0])
+        if dates:
+            header, parent = _header_dates(header), _header_dates(parent)
         message: dict[str, Any] = {
             "header": header,
             "msg_id": header["msg_id"],
             "msg_type": header["msg_type"],
-            "parent_header": _header_dates(unpack(head[0])),
+            "parent_header": parent,
             "metadata": unpack(head[1]),
             "content": unpack(head[2]) if content else head[2],
         }
