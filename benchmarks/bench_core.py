@@ -125,7 +125,7 @@ def measure(lib: str, quick: bool) -> dict[str, float]:
         out["push+pull 100 MB (GB/s)"] = 2 * reps * size / dt / 1e9
         # controller memory after the pushes and pulls above and a 1 GB push + pull
         e0.execute("x = None", block=True)
-        del arr
+        del arr, push_pull  # (its default argument held the 100 MB array)
         big = np.ones(2**30 // 8)
         e0.push({"big": big}, block=True)
         back = e0.pull("big", block=True)
