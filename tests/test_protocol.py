@@ -532,3 +532,22 @@ def test_a_wrong_known_digest_gets_the_message_refused_not_accepted():
     frames = a.serialize_with_buffers(a.msg("x", {}), None, [view])
     with pytest.raises(SignatureError, match="buffer 0 does not match"):
         FarmSession(key=b"k" * 32).deserialize(frames[1:])
+
+
+def test_digests_of_small_bytes_are_remembered_by_content_and_bounded():
+    from ipyfarm.protocol import session as s
+
+    data = b"the same request" * 10
+    first = s.buffer_digest(data)
+    assert s.buffer_digest(bytes(bytearray(data))) == first  # equal content, new object
+    assert s._memo[("blake3", data)] == first
+    assert first == s._digest_with("blake3", memoryview(data))  # the real digest
+    assert s.check_digest(data, first) and not s.check_digest(data + b"!", first)
+    # a view of part of an object, or a mutable one, is never remembered
+    n = len(s._memo)
+    s.buffer_digest(memoryview(data)[1:])
+    s.buffer_digest(bytearray(data))
+    assert len(s._memo) == n
+    for i in range(2 * s._MEMO_ENTRIES):
+        s.buffer_digest(b"%d" % i)
+    assert len(s._memo) <= s._MEMO_ENTRIES

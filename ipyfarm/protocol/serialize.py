@@ -95,6 +95,8 @@ def dumps(obj: Any) -> list:
     pickle refers to ``__main__`` (interactively defined functions and classes
     must travel by value, which only cloudpickle does).
     """
+    if obj is None:  # the result of most side-effect tasks
+        return [_NONE_PICKLE]
     buffers: list = []
 
     def keep(buf: pickle.PickleBuffer) -> bool:
@@ -116,6 +118,9 @@ def dumps(obj: Any) -> list:
     f = io.BytesIO()
     _Pickler(f, protocol=5, buffer_callback=keep).dump(wrapped)
     return [f.getvalue(), *buffers]
+
+
+_NONE_PICKLE = pickle.dumps(None, protocol=5)
 
 
 def _starts_in_main(obj: Any) -> bool:

@@ -156,10 +156,31 @@ def buffer_digest(buf: Any, algorithm: str | None = None) -> str:
         digest = received.known(view)  # memory that came in signed, sent on whole
         if digest is not None and digest.startswith(algorithm + ":"):
             return digest
+    owner = view.obj
+    if type(owner) is bytes and len(owner) <= _MEMO_BYTES and view.nbytes == len(owner):
+        # small immutable bytes: the same content again (the request of an f() task,
+        # a None result) has the same digest
+        key = (algorithm, owner)
+        digest = _memo.get(key)
+        if digest is None:
+            digest = _digest_with(algorithm, view)
+            if len(_memo) >= _MEMO_ENTRIES:
+                _memo.clear()
+            _memo[key] = digest
+        return digest
+    return _digest_with(algorithm, view)
+
+
+def _digest_with(algorithm: str, view: memoryview) -> str:
     try:
         return _ALGORITHMS[algorithm](view)
     except KeyError:
         raise SignatureError(f"unknown buffer digest algorithm {algorithm!r}") from None
+
+
+_MEMO_BYTES = 4096
+_MEMO_ENTRIES = 256
+_memo: dict[tuple[str, bytes], str] = {}
 
 
 def check_digest(buf: Any, signed: str) -> bool:
