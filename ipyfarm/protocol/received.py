@@ -19,6 +19,7 @@ without numpy nothing is remembered.
 from __future__ import annotations
 
 import weakref
+
 __all__ = ["MARK", "MIN_BYTES", "known", "remember"]
 
 #: attribute set (True) on the owner of memory received by directzmq
