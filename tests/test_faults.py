@@ -99,7 +99,8 @@ def test_garbage_and_forged_messages_are_dropped(cluster, rc):
     # controller does not compute again but still remembers
     seen = []
     post_task = rc._io._post_task
-    rc._io._post_task = lambda frames: (seen.append(list(frames)), post_task(frames))[1]
+    rc._io._post_task = lambda frames, *more: (seen.append(list(frames)),
+                                               post_task(frames, *more))[1]
     try:
         marker = rc[0].apply_async(lambda: 41 + 1)
         assert marker.get(10) == 42

@@ -286,7 +286,7 @@ class Client(ClientRecords):
         self.metadata[msg_id] = meta
         self.outstanding.add(msg_id)
         self.history.append(msg_id)
-        tracker = self._io.send(frames, track, task=True)
+        tracker = self._io.send(frames, track, task=True, header=msg["header"])
         return msg_id, tracker
 
     def _send_tasks(self, msg_type: str, content: dict, buffers: list, engine_ids: list,

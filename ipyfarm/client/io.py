@@ -56,8 +56,8 @@ class ClientIO(threading.Thread):
         self._ident_s, self._ident_r = base + b"-s", base + b"-r"
         self._hub = hub
         self._inbox: collections.deque = collections.deque()
-        self._post: Callable[[list], None] | None = None
-        self._post_task: Callable[[list], None] | None = None
+        self._post: Callable[..., None] | None = None
+        self._post_task: Callable[..., None] | None = None
         #: set by the Client: handles a message on the hub's thread, True when it did
         self.inline: Callable[[Any], bool] | None = None
         # AsyncResult done-callbacks run on a thread of their own, started when needed
@@ -165,17 +165,21 @@ class ClientIO(threading.Thread):
                 if not self._stopping:
                     directzmq.send(self._wake, [b""])  # keeps the hub thread's GIL
 
-    def send(self, frames: list, track: bool = False, task: bool = False) -> Any:
+    def send(self, frames: list, track: bool = False, task: bool = False,
+             header: dict | None = None) -> Any:
         """Send ``frames`` to the controller; returns a MessageTracker when tracking.
         ``task``: a task request, which a controller of this process may take at once
-        on this thread (Hub.post_task)."""
+        on this thread (Hub.post_task), along with ``header``, the header dict it was
+        built with, if given."""
         if self._post is not None:
             if self._stopping:
                 raise RuntimeError("this Client is closed; create a new one")
             if track:  # the hub holds the frames until sent on: give it copies, done now
                 frames = [f if isinstance(f, bytes) else bytes(f) for f in frames]
-            post = self._post_task if task else self._post
-            post([self._ident_s, *frames])  # type: ignore[misc]
+            if task:
+                self._post_task([self._ident_s, *frames], header)  # type: ignore[misc]
+            else:
+                self._post([self._ident_s, *frames])  # type: ignore[misc]
             return None
         with self._send_lock:
             if self._stopping:

@@ -203,10 +203,11 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
     def detach_local(self, ident: bytes) -> None:
         self._local.pop(ident, None)
 
-    def post_client(self, frames: list) -> None:
-        """A message from a client of this process (any thread)."""
+    def post_client(self, frames: list, header: dict | None = None) -> None:
+        """A message from a client of this process (any thread); ``header``: see
+        :meth:`post_task`."""
         inbox = self._client_inbox
-        inbox.append(frames)
+        inbox.append((frames, header))
         # the hub drains the inbox until it sees it empty, so only the message that
         # makes it non-empty needs a wake-up (append first: checking emptiness before
         # appending races with the hub's last look)
@@ -214,10 +215,12 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             with self._post_lock:
                 directzmq.send(self.wake_push, [b""])  # the poster keeps the GIL
 
-    def post_task(self, frames: list) -> None:
+    def post_task(self, frames: list, header: dict | None = None) -> None:
         """A task from a client of this process (any thread): submitted at once, on
         the caller's thread, when the hub's thread is waiting for sockets and nothing
         from this process's clients is queued before it; else queued like any message.
+        ``header``: the header dict the client built the message with, which the
+        controller then does not verify and decode again.
 
         That saves the task its hand-over to the hub's thread (a wake-up and the GIL
         passing between threads: ~50 us of a round trip here). The hub's lock keeps
@@ -232,7 +235,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     # nothing older is queued (order kept), and the hub still runs
                     self._inline_ident = threading.get_ident()
                     try:
-                        self._on_client(frames, local=True)
+                        self._on_client(frames, local=True, header=header)
                     except Exception:  # a bug or bad input must not reach the caller
                         log.exception("controller: error handling a message")
                     finally:
@@ -241,7 +244,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     return
             finally:
                 lock.release()
-        self.post_client(frames)
+        self.post_client(frames, header)
 
     def _after_inline(self) -> None:
         """Wake the waiting hub thread if what a submission did needs it: a send on an
@@ -367,6 +370,14 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             self.wake_push.close(0)
 
     # ------------------------------------------------------------------ input
+    def _too_large(self, frames: list, limit: int, where: str) -> bool:
+        if sum(map(len, frames)) <= limit:
+            return False
+        self.dropped["too_large"] += 1
+        self.bad.warn("large", f"controller: dropped a message of more than {limit} "
+                      f"bytes on the {where} port (max_message_bytes)")
+        return True
+
     def _decode(self, frames: list, where: str,
                 local: bool = False) -> tuple[list[bytes], list, dict] | None:
         """Split, verify and read the header; None (counted, logged) when bad."""
@@ -374,10 +385,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         # whatever the user's task returned, and dropping one would leave it pending)
         limit = (REGISTRATION_MAX_BYTES if where == "registration" else
                  self.max_message_bytes if where == "client" else None)
-        if limit is not None and sum(map(len, frames)) > limit:
-            self.dropped["too_large"] += 1
-            self.bad.warn("large", f"controller: dropped a message of more than {limit} "
-                          f"bytes on the {where} port (max_message_bytes)")
+        if limit is not None and self._too_large(frames, limit, where):
             return None
         try:
             idents, rest = split_identities(frames)
@@ -416,18 +424,29 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             self._execute(self.state.handle(self._posted.popleft()))
         inbox = self._client_inbox
         while inbox:
+            frames, header = inbox.popleft()
             try:
-                self._on_client(inbox.popleft(), local=True)
+                self._on_client(frames, local=True, header=header)
             except Exception:  # a bug or bad input must not stop the hub
                 log.exception("controller: error handling a message")
 
-    def _on_client(self, frames: list, local: bool = False) -> None:
+    def _on_client(self, frames: list, local: bool = False,
+                   header: dict | None = None) -> None:
         """A client's message; ``local``: from a client of this process (attach_local),
-        whose signature the session has no need to compute again."""
-        decoded = self._decode(frames, "client", local)
-        if decoded is None:
-            return
-        idents, rest, header = decoded
+        whose signature the session has no need to compute again; ``header``: also the
+        header it was built with (``frames`` are ``[ident, DELIM, signature, ...]``):
+        nothing to verify or decode then (the signature is still remembered, so that a
+        copy replayed from outside is refused)."""
+        if header is not None:
+            if self._too_large(frames, self.max_message_bytes, "client"):
+                return
+            idents, rest = frames[:1], frames[2:]
+            self.session.record_signature(frames_bytes(rest[0]))
+        else:
+            decoded = self._decode(frames, "client", local)
+            if decoded is None:
+                return
+            idents, rest, header = decoded
         if not idents:
             self.dropped["malformed"] += 1
             return
@@ -483,6 +502,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         fan-out): each engine's copy gets its own msg_id and engine_id, signed here; the
         content and buffers are the message's own, shared by all copies."""
         session, pack, handle = self.session, self.session.pack_part, self.state.handle
+        # the header as it travelled (buffer digests included), whoever decoded it
+        header = session.unpack_part(frames_bytes(rest[1]))
         parent, content, *buffers = compact([rest[2], *rest[4:]])
         msg_type, date = header["msg_type"], epoch(header.get("date"))
         # each copy's header and metadata: the shared JSON with its own first key written

@@ -394,6 +394,13 @@ class FarmSession(Session):
         self.message_count = number + 1
         return f"{self._session_id}_{os.getpid()}_{number}"
 
+    def record_signature(self, signature: bytes) -> None:
+        """Remember the signature of a message built and signed in this process that
+        is not verified here (see ``verify(signed_here=True)``), so that a copy of it
+        replayed from outside is refused."""
+        if self._hmac_base is not None:
+            self._add_digest(signature)
+
     def _add_digest(self, signature: bytes) -> None:
         """Remember a signature to reject replays (the last ``digest_history_size``).
 
