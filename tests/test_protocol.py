@@ -551,3 +551,14 @@ def test_digests_of_small_bytes_are_remembered_by_content_and_bounded():
     for i in range(2 * s._MEMO_ENTRIES):
         s.buffer_digest(b"%d" % i)
     assert len(s._memo) <= s._MEMO_ENTRIES
+
+
+def test_a_memo_table_is_emptied_when_full_and_keeps_the_new_entry():
+    from ipyfarm.protocol.memo import remember
+
+    table: dict = {}
+    for i in range(3):
+        assert remember(table, i, str(i), 3) == str(i)
+    assert table == {0: "0", 1: "1", 2: "2"}
+    assert remember(table, 3, "3", 3) == "3"
+    assert table == {3: "3"}

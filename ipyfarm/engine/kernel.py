@@ -35,6 +35,7 @@ from traitlets import default
 
 from ipyfarm.engine import ops
 from ipyfarm.engine.capture import Captured, EngineSession, OutputCapture
+from ipyfarm.protocol.memo import remember
 from ipyfarm.protocol.messages import SchemaError, validate
 from ipyfarm.protocol.session import frames_bytes, iso_now, unpack_json
 from ipyfarm.protocol.serialize import (
@@ -284,7 +285,8 @@ class FarmKernel(IPythonKernel):
                 answer = should_async(raw_cell, transformed_cell=transformed_cell,
                                       preprocessing_exc_tuple=preprocessing_exc_tuple)
                 if cacheable:
-                    _remember(_HAS_TOP_LEVEL_AWAIT, transformed_cell, bool(answer))
+                    remember(_HAS_TOP_LEVEL_AWAIT, transformed_cell, bool(answer),
+                             _CACHE_ENTRIES)
             last[2], last[3] = key, answer
             return answer
 
@@ -580,12 +582,6 @@ _CACHE_ENTRIES = 256
 _HAS_TOP_LEVEL_AWAIT: dict[str, bool] = {}
 
 
-def _remember(cache: dict, key: Any, value: Any) -> None:
-    if len(cache) >= _CACHE_ENTRIES:
-        cache.clear()
-    cache[key] = value
-
-
 def _cache_static_transforms(shell: Any) -> None:
     """Memoize the shell's static input transformations (IPython's TransformerManager:
     magics, ``!cmd``, ``x?``, prompts), a function of the cell's text and the
@@ -609,7 +605,7 @@ def _cache_static_transforms(shell: Any) -> None:
             return original(cell)
         if hit is None:
             hit = original(cell)  # an error is raised each time, not remembered
-            _remember(cache, key, hit)
+            remember(cache, key, hit, _CACHE_ENTRIES)
         return hit
 
     transform_cell.ipyfarm_cached = True  # type: ignore[attr-defined]

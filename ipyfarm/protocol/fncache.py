@@ -25,6 +25,8 @@ from typing import Any
 
 import cloudpickle
 
+from .memo import remember
+
 __all__ = ["captures_only_immutables", "pickled"]
 
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
@@ -50,10 +52,8 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 names.update(_global_names(const))
-        found = tuple(sorted(names))
-        if len(_names) > 4096:  # code objects of long-gone functions: start again
-            _names.clear()
-        _names[code] = found
+        # (code objects of long-gone functions go when the table is full)
+        found = remember(_names, code, tuple(sorted(names)), 4096)
     return found
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import cloudpickle
 
 from .fncache import captures_only_immutables, pickled
+from .memo import remember
 
 __all__ = [
     "OOB_THRESHOLD",
@@ -176,9 +177,7 @@ def pack_apply(f: Any, args: tuple, kwargs: dict) -> list:
                 frames = dumps((f, (), {}))
                 if len(frames) > 1:  # (never so far: f's pickle travels in band)
                     return frames
-                if len(_NO_ARG_CALLS) >= 256:
-                    _NO_ARG_CALLS.clear()
-                call = _NO_ARG_CALLS[data] = frames[0]
+                call = remember(_NO_ARG_CALLS, data, frames[0], 256)
             return [call]
     try:
         wrapped_args = tuple(_wrap_top(a) for a in args)
@@ -223,9 +222,7 @@ def unpack_apply(frames: list, namespace: dict) -> tuple[Any, tuple, dict]:
     if (key is not None and not args and not kwargs and type(f) is types.FunctionType
             and f.__module__ == "__main__" and not f.__closure__
             and captures_only_immutables(f)):
-        if len(_NO_ARG_FUNCTIONS) >= 64:
-            _NO_ARG_FUNCTIONS.clear()
-        _NO_ARG_FUNCTIONS[key] = f
+        remember(_NO_ARG_FUNCTIONS, key, f, 64)
     f = bind_interactive(f, namespace)
     args = tuple(_arg(a, namespace) for a in args)
     kwargs = {k: _arg(v, namespace) for k, v in kwargs.items()}

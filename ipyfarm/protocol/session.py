@@ -39,6 +39,7 @@ from jupyter_client.session import DELIM, Session, extract_dates, json_packer, p
 from traitlets import observe
 
 from . import received
+from .memo import remember
 from .replay import ReplayGuard
 
 __all__ = [
@@ -168,10 +169,7 @@ def buffer_digest(buf: Any, algorithm: str | None = None) -> str:
         key = (algorithm, owner)
         digest = _memo.get(key)
         if digest is None:
-            digest = _digest_with(algorithm, view)
-            if len(_memo) >= _MEMO_ENTRIES:
-                _memo.clear()
-            _memo[key] = digest
+            digest = remember(_memo, key, _digest_with(algorithm, view), _MEMO_ENTRIES)
         return digest
     return _digest_with(algorithm, view)
 
@@ -549,9 +547,10 @@ class FarmSession(Session):
                     f"{len(buffers)} buffers but {len(digests)} signed digests")
             if hash_them:
                 for i, (buf, want) in enumerate(zip(buffers, digests, strict=True)):
-                    if not check_digest(buf, want):
+                    view = _flat(buf)
+                    if not check_digest(view, want):
                         raise SignatureError(f"buffer {i} does not match its signed digest")
-                    received.remember(_flat(buf), want)
+                    received.remember(view, want)
 
     def from_parsed(self, parsed: Parsed) -> dict[str, Any]:
         """The message :meth:`deserialize` would give for a reply the controller of this
