@@ -163,3 +163,30 @@ def test_socket_poller_reports_what_arrives_and_what_it_is_told_to_look_at_again
         for s in pulls + pushes:
             s.close(0)
         ctx.term()
+
+
+def test_a_real_engine_beats_at_the_period_its_controller_asks_for():
+    """Past ``beating_engines`` engines the controller asks for a longer heartbeat
+    period in its heartbeat replies; a real engine keeps the new pace (here the limit is
+    lowered so that one engine is past it: period 0.2 s -> 0.4 s)."""
+    with running_cluster(1, heartbeat_period=0.2, heartbeat_timeout=5.0) as (c, rc):
+        state = c.controller.hub.state
+        eng = state.engines[rc.ids[0]]
+
+        def intervals(seconds):
+            seen, last = [], eng.last_beat
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if eng.last_beat != last:
+                    seen.append(eng.last_beat - last)
+                    last = eng.last_beat
+                time.sleep(0.005)
+            return seen[1:]  # the first may straddle the change
+
+        before = intervals(1.5)
+        assert before and 0.1 < sorted(before)[len(before) // 2] < 0.3, before
+        state.beating_engines = 0.5  # one engine is now "past 256": factor 2
+        after = intervals(3.0)
+        assert after and 0.3 < sorted(after)[len(after) // 2] < 0.5, after
+        assert eng.alive and rc.ids == [eng.engine_id]
+        assert rc[:].apply_sync(os.getpid) == [eng.pid]

@@ -87,13 +87,48 @@ def test_exit_of_an_unknown_pid_changes_nothing(state):
 
 def test_heartbeat_silence_loses_the_engine_and_asks_to_kill_it(state):
     register(state, "a", now=0.0, pid=100)
-    assert state.handle(E.HeartbeatReceived(5.0, "a", b"x")) == [C.ReplyHeartbeat(b"x", True)]
+    assert state.handle(E.HeartbeatReceived(5.0, "a", b"x")) == [
+        C.ReplyHeartbeat(b"x", True, period=1.0)]
     assert state.handle(E.TimerFired(14.0)) == []
     cmds = state.handle(E.TimerFired(15.5))
     assert kinds(cmds) == ["DisconnectEngine", "NotifyClients", "KillEngine"]
     assert "no heartbeat for 10.5 s" in cmds[1].content["reason"]
     # the engine, if it still lives, is told it is unknown and exits
     assert state.handle(E.HeartbeatReceived(16.0, "a", b"x")) == [C.ReplyHeartbeat(b"x", False)]
+
+
+def test_past_256_engines_heartbeats_slow_down_in_proportion(state):
+    """1,024 engines at a 1 s period would send the controller 1,024 heartbeats a
+    second: past 256, period and timeout grow with the count instead."""
+    for i in range(256):
+        assert register(state, f"e{i}")[1].content["heartbeat_period"] == 1.0
+    # the 257th is asked for a longer period (quarter steps); the others learn it from
+    # their next heartbeat's reply
+    assert register(state, "e256")[1].content["heartbeat_period"] == 1.25
+    assert state.handle(E.HeartbeatReceived(0.5, "e0", b"x")) == [
+        C.ReplyHeartbeat(b"x", True, period=1.25)]
+    for i in range(257, 1024):
+        register(state, f"e{i}")
+    assert state.beat_factor() == 4.0
+    assert state.handle(E.HeartbeatReceived(1.0, "e1023", b"y"))[0].period == 4.0
+    # silence is judged by the longer timeout: the fixture's 10 s, x 4
+    for i in range(1024):
+        state.handle(E.HeartbeatReceived(1.0, f"e{i}", b"z"))
+    assert state.handle(E.TimerFired(40.5)) == []
+    lost = kinds(state.handle(E.TimerFired(41.5)))
+    assert lost.count("KillEngine") == 1024
+    # a cluster that shrinks asks for shorter periods again; an engine told the shorter
+    # one is judged by the longer until it has beaten at the new pace
+    state2 = type(state)(heartbeat_period=1.0, heartbeat_timeout=10.0)
+    for i in range(512):
+        register(state2, f"e{i}")
+    assert state2.handle(E.HeartbeatReceived(1.0, "e0", b"x"))[0].period == 2.0
+    for i in range(1, 512):
+        state2.handle(E.EngineUnregistered(2.0, f"e{i}"))
+    assert state2.handle(E.HeartbeatReceived(3.0, "e0", b"x"))[0].period == 1.0
+    assert state2.handle(E.TimerFired(3.0 + 10.0 + 5.0)) == []  # still within 2 x 10 s
+    state2.handle(E.HeartbeatReceived(4.0, "e0", b"x"))  # now beating at 1 s
+    assert kinds(state2.handle(E.TimerFired(4.0 + 10.5)))[-1] == "KillEngine"
 
 
 def test_unregistration_is_a_clean_loss(state):

@@ -32,6 +32,7 @@ class ReplyRegistration(Command):
 class ReplyHeartbeat(Command):
     ident: bytes
     known: bool
+    period: float = 0.0  # the heartbeat period the engine is to keep (0: not said)
 
 
 @dataclass(slots=True)

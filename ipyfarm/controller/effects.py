@@ -154,7 +154,15 @@ class CommandEffects:
             "msg_id": f"{hb[0]}{self._hb_count}", "msg_type": "heartbeat_reply",
             "username": self.session.username, "session": self.session.session,
             "date": iso_now(), "version": hb[1]})
-        parts = [header, b"{}", b"{}", hb[2] if cmd.known else hb[3]]
+        if not cmd.known:
+            content = hb[3]
+        else:
+            content = hb[2].get(cmd.period)
+            if content is None:  # one per period in use (a few quarter steps)
+                content = hb[2][cmd.period] = self.session.pack_part(
+                    {"status": "ok", "heartbeat_period": cmd.period} if cmd.period
+                    else {"status": "ok"})
+        parts = [header, b"{}", b"{}", content]
         directzmq.send(self.reg_sock, [cmd.ident, DELIM, self.session.sign(parts), *parts])
 
     @functools.cached_property
@@ -163,7 +171,7 @@ class CommandEffects:
 
         self._hb_count = 0
         return (f"{self.session.session}-hb-", protocol_version,
-                self.session.pack_part({"status": "ok"}), self.session.pack_part({"status": "unknown"}))
+                {}, self.session.pack_part({"status": "unknown"}))
 
     def _do_NotifyClients(self, cmd: C.NotifyClients) -> None:
         for ident in list(self.state.clients):

@@ -24,6 +24,11 @@ class EngineState:
     last_used: int = 0
     lost_reason: str = ""
     rss: int | None = None  # resident memory, from its heartbeats
+    # its heartbeat period and timeout as multiples of the configured ones: the factor
+    # last announced to it, and the one its silence is judged by (the larger of the
+    # last two announced until it has beaten at the newer: see ControllerState)
+    beat_factor: float = 1.0
+    limit_factor: float = 1.0
 
     @property
     def load(self) -> int:

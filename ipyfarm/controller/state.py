@@ -23,6 +23,7 @@ cluster's scheme (:mod:`.schemes`) on engines with fewer than ``hwm`` outstandin
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import Counter, deque
 from typing import Any
@@ -38,6 +39,10 @@ from .scheduling import Scheduling, dep_ids, remove_engine
 from .views import StateViews
 
 UNMET = "UnmetDependency"
+#: engines beyond which heartbeats slow down: a larger cluster is asked for a period
+#: (and given a timeout) that many times longer that its engines together beat no more
+#: often than this many at the configured period (1,024 engines at 1 s: 4 s)
+BEATING_ENGINES = 256
 # one string object for each task type, not one per record
 _MSG_TYPES = {t: t for t in ("apply_request", "execute_request")}
 
@@ -62,6 +67,7 @@ class ControllerState(Scheduling, StateViews):
             raise ValueError(f"hwm must be 0 (no limit) or a positive count, not {hwm}")
         self.heartbeat_period = heartbeat_period
         self.heartbeat_timeout = heartbeat_timeout
+        self.beating_engines = BEATING_ENGINES
         self.db = db if db is not None else MemoryTaskDB()
         self.scheme_name = scheme
         self.scheme = get_scheme(scheme)
@@ -150,11 +156,20 @@ class ControllerState(Scheduling, StateViews):
         return self._next_engine_id - 1
 
     def _registration_reply(self, eng: EngineState) -> dict:
+        eng.beat_factor = eng.limit_factor = factor = self.beat_factor()
         return {
             "status": "ok",
             "engine_id": eng.engine_id,
-            "heartbeat_period": self.heartbeat_period,
+            "heartbeat_period": self.heartbeat_period * factor,
         }
+
+    def beat_factor(self) -> float:
+        """How many times the configured heartbeat period and timeout engines get now:
+        1 up to ``beating_engines`` (BEATING_ENGINES) live engines, then in proportion
+        to their count (in quarter steps), so that the controller's share of heartbeat
+        work stays that of that many engines, however many there are."""
+        n, most = len(self._live), self.beating_engines
+        return 1.0 if n <= most else math.ceil(4 * n / most) / 4
 
     def _on_HeartbeatReceived(self, ev: E.HeartbeatReceived) -> list[C.Command]:
         engine_id = self._by_uuid.get(ev.uuid)
@@ -164,7 +179,16 @@ class ControllerState(Scheduling, StateViews):
         eng.last_beat = ev.now
         if ev.rss is not None:
             eng.rss = ev.rss
-        return [C.ReplyHeartbeat(ev.ident, known=True)]
+        factor = self.beat_factor()
+        if factor != eng.beat_factor:
+            # it beats at the old period until this reply reaches it: judged by the
+            # longer of the two until then
+            eng.limit_factor = max(factor, eng.beat_factor)
+            eng.beat_factor = factor
+        else:
+            eng.limit_factor = factor
+        return [C.ReplyHeartbeat(ev.ident, known=True,
+                                 period=self.heartbeat_period * factor)]
 
     def _on_EngineUnregistered(self, ev: E.EngineUnregistered) -> list[C.Command]:
         engine_id = self._by_uuid.get(ev.uuid)
@@ -184,7 +208,7 @@ class ControllerState(Scheduling, StateViews):
         out: list[C.Command] = []
         for eng in list(self.engines.values()):
             silent = ev.now - eng.last_beat
-            if eng.alive and silent > self.heartbeat_timeout:
+            if eng.alive and silent > self.heartbeat_timeout * eng.limit_factor:
                 out += self._lose_engine(
                     eng.engine_id, f"it sent no heartbeat for {silent:.1f} s (hung or unreachable)"
                 )

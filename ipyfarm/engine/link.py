@@ -8,11 +8,14 @@ ROUTER (docs/protocol.md, "Engine life")::
                                        ◄──   registration_reply {status, engine_id,
                                                                 heartbeat_period}
     heartbeat_request {uuid, rss}  (every heartbeat_period; rss: resident bytes)
-                                       ◄──   heartbeat_reply {status: "ok" | "unknown"}
+                                       ◄──   heartbeat_reply {status: "ok" | "unknown",
+                                                    heartbeat_period}
     unregistration_request {uuid}      ──►   (clean exit)
 
 The link calls ``on_lost(reason)`` once, from its thread, when the controller answers
-``unknown`` or has not answered for ``max(10 × period, 10 s)``. Another thread wakes it
+``unknown`` or has not answered for ``max(10 × period, 10 s)``. A heartbeat reply
+may name another period (a cluster past 256 engines beats more slowly): the link keeps
+that one from then on. Another thread wakes it
 through a pipe (``stop``), so an idle link costs one wake-up per heartbeat.
 """
 
@@ -209,13 +212,22 @@ class ControllerLink:
             for msg in self._recv(sock) if readable else ():
                 if msg["msg_type"] != "heartbeat_reply":
                     continue
-                if msg["content"]["status"] == "unknown":
+                content = msg["content"]
+                if content["status"] == "unknown":
                     self.on_lost(
                         f"the controller at {self.url} no longer knows this engine "
                         f"(engine {self.engine_id}, uuid {self.uuid})"
                     )
                     return
                 last_reply = time.monotonic()
+                asked = content.get("heartbeat_period")
+                if (isinstance(asked, (int, float)) and not isinstance(asked, bool)
+                        and 0 < asked != self.heartbeat_period):
+                    # a growing (or shrinking) cluster: beat at the controller's new pace
+                    self.heartbeat_period = float(asked)
+                    period = max(self.heartbeat_period, 0.01)
+                    silence_limit = max(MISSED_BEATS * period, MIN_SILENCE)
+                    next_beat = min(next_beat, last_reply + period)
             silent = time.monotonic() - last_reply
             if silent > silence_limit:
                 self.on_lost(

@@ -45,7 +45,7 @@ from typing import Any
 
 import zmq
 
-from ipyfarm.controller.poller import recv_frames
+from ipyfarm import directzmq
 from ipyfarm.protocol.messages import SchemaError, validate
 from ipyfarm.protocol.serialize import dumps
 from ipyfarm.protocol.session import (
@@ -59,8 +59,6 @@ from ipyfarm.protocol.session import (
 
 __all__ = ["SimEngines", "load_client", "raise_limits"]
 
-_NOBLOCK = zmq.NOBLOCK.value
-_MORE = zmq.SNDMORE.value | _NOBLOCK
 CONTROL_REPLIES = {"clear_request": "clear_reply", "abort_request": "abort_reply",
                    "signal_request": "signal_reply"}
 
@@ -85,8 +83,18 @@ def raise_limits(context: zmq.Context, sockets: int) -> None:
         pass
 
 
+_clock: list = [0, ""]  # [whole ms, its ISO text]: one formatting per ms, not per reply
+
+
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    """The current UTC time as ISO text, to the millisecond (the reply dates of many
+    engines answering within the same ms share one string)."""
+    ms = int(time.time() * 1000)
+    if ms != _clock[0]:
+        _clock[0] = ms
+        _clock[1] = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(
+            timespec="milliseconds")
+    return _clock[1]
 
 
 class _Engine:
@@ -289,13 +297,13 @@ class SimEngines:
     def _drain(self, sock: zmq.Socket, what: Any) -> None:
         for _ in range(100000):
             try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    return
-                continue
+                frames = directzmq.try_recv(sock)
             except zmq.ZMQError:
                 return
+            if frames is None:
+                if not directzmq.readable(sock):
+                    return
+                continue
             if isinstance(what, _Engine):
                 self._on_request(what, frames)
             else:
@@ -386,8 +394,12 @@ class SimEngines:
             eng.result = dumps(eng.engine_id)
             eng.result_digests = " ".join(buffer_digest(b) for b in eng.result)
             self.registered += 1
-        elif msg["msg_type"] == "heartbeat_reply" and content["status"] == "unknown":
-            self.lost.append("a heartbeat was answered 'unknown'")
+        elif msg["msg_type"] == "heartbeat_reply":
+            if content["status"] == "unknown":
+                self.lost.append("a heartbeat was answered 'unknown'")
+            asked = content.get("heartbeat_period")
+            if isinstance(asked, (int, float)) and asked > 0:
+                self.heartbeat_period = float(asked)  # the next beats keep the new pace
 
     # ------------------------------------------------------------------ requests
     def _on_request(self, eng: _Engine, frames: list) -> None:
@@ -442,11 +454,10 @@ class SimEngines:
 
     @staticmethod
     def _send(sock: zmq.Socket, frames: list) -> None:
-        # frame by frame with int flags: send_multipart's enum arithmetic doubles the cost
+        # directzmq: one foreign call per frame, no pyzmq Frame objects (a third of the
+        # cost of pyzmq's send)
         try:
-            for frame in frames[:-1]:
-                sock.send(frame, _MORE)
-            sock.send(frames[-1], _NOBLOCK)
+            directzmq.send(sock, frames)
         except zmq.ZMQError:
             pass  # the engine was closed meanwhile, or the controller went away
 
@@ -457,9 +468,11 @@ def load_client(url: str, key: bytes, tasks: int, window: int = 2000,
     ``url`` as fast as they are answered (at most ``window`` outstanding); return
     ``{"tasks", "seconds", "rate", "errors"}``.
 
-    A load generator for the controller: each request is built and signed as a Client
-    would (a pickled ``os.getpid`` by reference, no arguments), but nothing else a
-    Client does (results are counted, their status read, nothing unpickled).
+    A load generator for the controller: each request is signed as a Client's would
+    be, with its own msg_id and date, carrying a pickled ``os.getpid`` by reference and
+    no arguments; nothing else a Client does (results are counted, their status read,
+    nothing unpickled). Its header is written by string formatting (plain values only),
+    so that the generator takes as little as it can of the CPU the controller needs.
     """
     from ipyfarm.protocol.serialize import pack_apply
 
@@ -470,27 +483,29 @@ def load_client(url: str, key: bytes, tasks: int, window: int = 2000,
     sock.sndhwm = sock.rcvhwm = 0
     sock.connect(url)
     buffers = pack_apply(os.getpid, (), {})
+    digests = " ".join(buffer_digest(b) for b in buffers)
+    prefix = f"{uuidlib.uuid4().hex[:12]}-"
+    head = '{"msg_id":"%s%d","msg_type":"apply_request","username":"ipyfarm-loadgen",' \
+        f'"session":"{session.session}","date":"%s","version":"5.3",' \
+        f'"buffer_digests":"{digests}"}}'
+    rest = [b"{}", b'{"engine_id":null}', b"{}"]
+    sign, send, try_recv = session.sign, directzmq.send, directzmq.try_recv
     sent = done = errors = 0
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout
     try:
         while done < tasks:
             while sent < tasks and sent - done < window:
-                msg = session.msg("apply_request", content={},
-                                  metadata={"engine_id": None})
-                SimEngines._send(sock, session.serialize_with_buffers(msg, None, buffers))
+                parts = [(head % (prefix, sent, _now_iso())).encode(), *rest]
+                send(sock, [DELIM, sign(parts), *parts, *buffers])
                 sent += 1
             if not sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
                 raise TimeoutError(f"{tasks - done} of {tasks} tasks unanswered after "
                                    f"{timeout} s")
-            while True:
-                try:
-                    frames = recv_frames(sock)
-                except zmq.Again:
-                    break
-                _, rest = split_identities(frames)
+            while (frames := try_recv(sock)) is not None:
+                _, reply = split_identities(frames)
                 done += 1
-                if b'"status":"ok"' not in frames_bytes(rest[4]).replace(b" ", b""):
+                if b'"status":"ok"' not in frames_bytes(reply[4]).replace(b" ", b""):
                     errors += 1
     finally:
         sock.close(0)
