@@ -621,3 +621,87 @@ _s._ALGORITHMS["blake3"] = _counted
     finally:
         e0.execute("_s._ALGORITHMS['blake3'] = _orig_blake3; reuse_me = again = None",
                    block=True)
+
+
+def _raw_peer(cluster, batch_replies):
+    """A DEALER on the controller's client port that has sent its connection_request
+    (saying whether it takes batched replies) and read the answer."""
+    import zmq
+
+    from ipyfarm.protocol.session import FarmSession
+
+    info = cluster[0].controller.connection_info()
+    session = FarmSession(key=info["key"].encode())
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(info["client"])
+    session.send(sock, "connection_request", {"batch": True} if batch_replies else {})
+    assert sock.poll(10_000)
+    sock.recv_multipart()
+    return session, sock
+
+
+@pytest.mark.parametrize("batch_replies", [True, False])
+def test_replies_queued_together_come_batched_only_to_a_client_that_takes_them(
+        cluster, batch_replies):
+    """The hub's lock is held while 40 requests arrive, so that it answers them all
+    before it next waits: a client that said it takes batches gets them in a few frames
+    (each reply signed as if alone, in order); any other peer gets 40 messages."""
+    from ipyfarm.protocol import batch
+    from ipyfarm.protocol.session import split_identities
+
+    hub = cluster[0].controller.hub
+    session, sock = _raw_peer(cluster, batch_replies)
+    try:
+        sent = []
+        with hub._lock:  # the hub thread waits for it after its next wake-up
+            for _ in range(40):
+                msg = session.msg("queue_request", {"targets": None, "verbose": False})
+                sock.send_multipart(session.serialize_with_buffers(msg, None, []))
+                sent.append(msg["header"]["msg_id"])
+            time.sleep(0.3)
+        got, frames_seen = [], []
+        while len(got) < 40 and sock.poll(10_000):
+            frames = sock.recv_multipart()
+            frames_seen.append(frames[0])
+            for msg in batch.unpack(frames[1]) if frames[0] == batch.BATCH else [frames]:
+                reply = session.deserialize(split_identities(msg)[1])  # signature checked
+                assert reply["msg_type"] == "queue_reply"
+                got.append(reply["parent_header"]["msg_id"])
+        assert got == sent
+        if batch_replies:  # (a batch also goes when its first reply is 2 ms old)
+            assert batch.BATCH in frames_seen and len(frames_seen) <= 10, frames_seen
+        else:
+            assert batch.BATCH not in frames_seen and len(frames_seen) == 40
+    finally:
+        sock.close(0)
+
+
+def test_a_client_over_tcp_gets_results_intact_through_batches(cluster):
+    """A real Client over TCP (not the in-process path): two results that reach the
+    controller together come to it in one batch, and every result, output and
+    metadata is what it would be alone."""
+    hub = cluster[0].controller.hub
+    info = dict(cluster[0].controller.connection_info())
+    info.pop("inproc")
+    rc2 = ipp.Client(info)
+    try:
+        assert rc2._io._hub is None  # sockets, not the in-process path
+        ids = rc2.ids[:2]
+        before = hub.batches_sent
+        ars = [rc2[e].apply_async(
+            lambda e: (__import__("time").sleep(0.3), print("out", e), e * 10)[2], e)
+            for e in ids]
+        time.sleep(0.1)
+        with hub._lock:  # both replies arrive while the hub is held
+            time.sleep(0.6)
+        assert [ar.get(10) for ar in ars] == [e * 10 for e in ids]
+        assert hub.batches_sent > before
+        for ar, e in zip(ars, ids, strict=True):
+            assert ar.metadata["engine_id"] == e
+            assert ar.stdout.strip() == f"out {e}"
+        view = rc2.load_balanced_view()
+        many = [view.apply_async(lambda i: i * i, i) for i in range(300)]
+        assert [ar.get(30) for ar in many] == [i * i for i in range(300)]
+    finally:
+        rc2.close()

@@ -562,3 +562,23 @@ def test_a_memo_table_is_emptied_when_full_and_keeps_the_new_entry():
     assert table == {0: "0", 1: "1", 2: "2"}
     assert remember(table, 3, "3", 3) == "3"
     assert table == {3: "3"}
+
+
+def test_batches_carry_whole_messages_and_refuse_anything_else():
+    from ipyfarm.protocol import batch
+
+    msgs = [[b"<IDS|MSG>", b"sig", b'{"a":1}', b"{}", b"{}", b"{}"],
+            [b"<IDS|MSG>", b"", b"", b"x" * 1000],
+            [b"one frame"]]
+    packed = batch.pack(msgs)
+    assert batch.unpack(packed) == msgs
+    assert batch.unpack(memoryview(packed)) == msgs  # as a big frame is received
+    assert all(type(f) is bytes for m in batch.unpack(packed) for f in m)
+    bad = [b"", packed[:3], packed[:-1], packed + b"x",
+           b"\x00\x00\x00\x00",  # no messages
+           b"\x01\x00\x00\x00\x00\x00\x00\x00",  # a message of no frames
+           b"\xff\xff\xff\xff" + packed[4:],  # more messages than bytes
+           b"\x01\x00\x00\x00\x02\x00\x00\x00\x05\x00\x00\x00\xff\xff\xff\xff abcd"]
+    for data in bad:
+        with pytest.raises(ValueError, match="batch"):
+            batch.unpack(data)

@@ -130,7 +130,8 @@ class Client(ClientRecords):
             self._io.inline = self._on_hub_thread
         self._io.start()
         try:
-            reply = self._hub_request("connection_request", {}, timeout=timeout)
+            # batch: it takes several small replies in one frame (ClientIO unpacks them)
+            reply = self._hub_request("connection_request", {"batch": True}, timeout=timeout)
         except error.TimeoutError:
             self.close()
             raise error.NoClusterError(

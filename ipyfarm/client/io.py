@@ -34,6 +34,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import curve, directzmq, switching
+from ..protocol import batch
 
 log = logging.getLogger("ipyfarm.client")
 
@@ -201,6 +202,20 @@ class ClientIO(threading.Thread):
         except Exception:
             log.exception("ipyfarm client: error handling a message or running a callback")
 
+    def _on_batch(self, packed: Any) -> None:
+        """The messages of a batched frame (protocol/batch.py), each handled as if it
+        had come alone."""
+        try:
+            messages = batch.unpack(packed)
+        except ValueError as e:
+            log.error("ipyfarm client: dropped a malformed batch of replies: %s", e)
+            return
+        for msg in messages:
+            try:
+                self.on_message(msg)
+            except Exception:
+                log.exception("ipyfarm client: error handling a message")
+
     def stop(self, timeout: float = 2.0) -> None:
         if self._hub is not None:
             self._hub.detach_local(self._ident_r)
@@ -238,6 +253,9 @@ class ClientIO(threading.Thread):
                         frames = directzmq.try_recv(sock)  # without giving up the GIL
                         if frames is None:
                             break
+                        if frames[0] == batch.BATCH and len(frames) == 2:
+                            self._on_batch(frames[1])  # several replies in one frame
+                            continue
                         try:
                             self.on_message(frames)
                         except Exception:

@@ -144,6 +144,7 @@ class CommandEffects:
 
     def _do_ReplyRegistration(self, cmd: C.ReplyRegistration) -> None:
         self.session.send(self.reg_sock, "registration_reply", cmd.content, ident=cmd.ident)
+        self.poller.recheck(self.reg_sock)  # the send may have taken its readable signal
 
     def _do_ReplyHeartbeat(self, cmd: C.ReplyHeartbeat) -> None:
         # every engine beats every period: a reply built from packed parts (a counter
@@ -164,6 +165,7 @@ class CommandEffects:
                     else {"status": "ok"})
         parts = [header, b"{}", b"{}", content]
         directzmq.send(self.reg_sock, [cmd.ident, DELIM, self.session.sign(parts), *parts])
+        self.poller.recheck(self.reg_sock)
 
     @functools.cached_property
     def _hb_parts(self) -> tuple:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import curve, directzmq, switching
+from ..protocol import batch
 from ..protocol.sizes import DEFAULT_MAX_MESSAGE_BYTES, REGISTRATION_MAX_BYTES
 from ..protocol.messages import SchemaError, validate
 from ..protocol.session import (
@@ -107,6 +108,12 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         self._posted: collections.deque = collections.deque()
         # clients in this process: their messages come and go as frame lists, no sockets
         self._local: dict[bytes, Callable[[Any], None]] = {}  # receiving ident -> deliver
+        # clients over sockets that take batched replies (protocol/batch.py), and the
+        # small messages waiting for each until the hub next waits: ident -> [msgs, bytes]
+        self.batching: set[bytes] = set()
+        self._outbox: dict[bytes, list] = {}
+        self.batches_sent = 0  # (and the messages in them: for tests and diagnostics)
+        self.batched_messages = 0
         self._client_inbox: collections.deque = collections.deque()
         # widgets made on engines: comm_id -> (client ident, engine id) of the task that
         # opened the comm; the engine's comm messages go to that client, and the
@@ -240,6 +247,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                         log.exception("controller: error handling a message")
                     finally:
                         self._inline_ident = 0
+                    if self._outbox:
+                        self._flush_clients()
                     self._after_inline()
                     return
             finally:
@@ -278,12 +287,47 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         return ident == self.thread_ident or ident == self._inline_ident
 
     def _to_client(self, frames: list) -> None:
-        """``[ident, DELIM, ...]`` to a client: queued for one of this process, else sent."""
-        deliver = self._local.get(frames[0])
+        """``[ident, DELIM, ...]`` to a client: queued for one of this process, else sent
+        (small ones to a client that takes batches: at the next :meth:`_flush_clients`)."""
+        ident = frames[0]
+        deliver = self._local.get(ident)
         if deliver is not None:
             deliver(frames[1:])
+            return
+        if ident in self.batching:
+            size = sum(map(len, frames))
+            if size < batch.MAX_BYTES and all(type(f) is bytes for f in frames):
+                box = self._outbox.get(ident)
+                if box is None:
+                    box = self._outbox[ident] = [[], 0, time.monotonic() + batch.MAX_DELAY]
+                box[0].append(frames[1:])
+                box[1] += size
+                if (box[1] >= batch.MAX_BYTES or len(box[0]) >= batch.MAX_MESSAGES
+                        or time.monotonic() > box[2]):
+                    self._flush_client(ident)
+                return
+            if ident in self._outbox:
+                self._flush_client(ident)  # what was queued before goes first
+        directzmq.send(self.client_sock, frames)
+        self.poller.recheck(self.client_sock)  # the send may have taken its readable signal
+
+    def _flush_client(self, ident: bytes) -> None:
+        msgs = self._outbox.pop(ident)[0]
+        if len(msgs) == 1:
+            directzmq.send(self.client_sock, [ident, *msgs[0]])
         else:
-            directzmq.send(self.client_sock, frames)
+            directzmq.send(self.client_sock, [ident, batch.BATCH, batch.pack(msgs)])
+            self.batches_sent += 1
+            self.batched_messages += len(msgs)
+        self.poller.recheck(self.client_sock)
+
+    def _flush_clients(self) -> None:
+        """Send what waits for clients that take batches (before the hub waits)."""
+        for ident in list(self._outbox):
+            try:
+                self._flush_client(ident)
+            except zmq.ZMQError as e:  # a socket error must not stop the hub
+                log.warning("controller: could not send to client %r: %s", ident, e)
 
     def _send_to_client(self, ident: bytes, msg_type: str, content: dict,
                         parent: dict | None = None, metadata: dict | None = None,
@@ -336,9 +380,6 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     else:  # not drained: its signal is spent, so look again next time
                         self.poller.recheck(sock)
                     frames = None  # a big message is not kept alive while the hub waits
-                # replies sent on these may have consumed their readable signal
-                self.poller.recheck(self.client_sock)
-                self.poller.recheck(self.reg_sock)
                 now = time.monotonic()
                 if now >= next_timer or (deadline is not None and now >= deadline):
                     self._execute(self.state.handle(E.TimerFired(now)))
@@ -349,8 +390,15 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     if flush is not None:  # a persistent DB writes what waits
                         flush()
                     next_timer = now + timer_every
+                if self._outbox:  # batched replies go out before the hub waits
+                    self._flush_clients()
         finally:
             switching.leave()
+            try:
+                if self._outbox:
+                    self._flush_clients()
+            except Exception:
+                log.exception("controller: error sending the last replies")
             try:
                 self._close()
             finally:

@@ -39,12 +39,16 @@ class ClientRequests:
     on_shutdown: Any
     _stop: Any
     _sent_control: list
+    _local: dict
+    batching: set
 
     def _reply(self, ident: bytes, header: dict, msg_type: str, content: dict,
                buffers: list | None = None) -> None:
         self._send_to_client(ident, msg_type, content, parent=header, buffers=buffers)
 
     def _q_connection_request(self, ident: bytes, header: dict, content: dict) -> None:
+        if content.get("batch") is True and ident not in self._local:
+            self.batching.add(ident)  # it unpacks batched replies (protocol/batch.py)
         self._execute(self.state.handle(E.ClientConnected(time.monotonic(), ident)))
         self._reply(ident, header, "connection_reply",
                     {"status": "ok", "engines": self.state.engine_table()})

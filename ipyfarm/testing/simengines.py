@@ -474,6 +474,7 @@ def load_client(url: str, key: bytes, tasks: int, window: int = 2000,
     nothing unpickled). Its header is written by string formatting (plain values only),
     so that the generator takes as little as it can of the CPU the controller needs.
     """
+    from ipyfarm.protocol.batch import BATCH, unpack
     from ipyfarm.protocol.serialize import pack_apply
 
     session = FarmSession(key=key, username="ipyfarm-loadgen")
@@ -482,6 +483,11 @@ def load_client(url: str, key: bytes, tasks: int, window: int = 2000,
     sock.linger = 0
     sock.sndhwm = sock.rcvhwm = 0
     sock.connect(url)
+    # as a Client does: connect, saying that batched replies are understood
+    session.send(sock, "connection_request", {"batch": True})
+    if not sock.poll(timeout * 1000):
+        raise TimeoutError(f"no connection_reply from {url} in {timeout} s")
+    sock.recv_multipart()
     buffers = pack_apply(os.getpid, (), {})
     digests = " ".join(buffer_digest(b) for b in buffers)
     prefix = f"{uuidlib.uuid4().hex[:12]}-"
@@ -503,10 +509,11 @@ def load_client(url: str, key: bytes, tasks: int, window: int = 2000,
                 raise TimeoutError(f"{tasks - done} of {tasks} tasks unanswered after "
                                    f"{timeout} s")
             while (frames := try_recv(sock)) is not None:
-                _, reply = split_identities(frames)
-                done += 1
-                if b'"status":"ok"' not in frames_bytes(reply[4]).replace(b" ", b""):
-                    errors += 1
+                for msg in unpack(frames[1]) if frames[0] == BATCH else [frames]:
+                    _, reply = split_identities(msg)
+                    done += 1
+                    if b'"status":"ok"' not in frames_bytes(reply[4]).replace(b" ", b""):
+                        errors += 1
     finally:
         sock.close(0)
         ctx.term()
