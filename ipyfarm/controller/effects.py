@@ -58,6 +58,8 @@ class CommandEffects:
     engine_context: Any
     on_kill: Any
     _engine_socks: dict
+    _dispatch_out: list
+    _inline_ident: int
     _handlers: dict
     _local: dict
     _control_engine: dict
@@ -75,9 +77,28 @@ class CommandEffects:
                 if isinstance(cls, type) and issubclass(cls, C.Command) and cls is not C.Command}
 
     def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
-        shell = self._engine_socks[cmd.engine_id][0]
-        directzmq.send(shell, [cmd.client_ident, DELIM, *cmd.frames])
-        self.poller.recheck(shell)
+        # queued, sent by _flush_dispatches once the messages at hand are handled (the
+        # hub flushes before it waits, yields or reads another socket): sends back to
+        # back find libzmq's I/O thread still awake from the first, one wake-up for many
+        if self._inline_ident:  # a client's thread submitting one task: at once
+            shell = self._engine_socks[cmd.engine_id][0]
+            directzmq.send(shell, [cmd.client_ident, DELIM, *cmd.frames])
+            self.poller.recheck(shell)
+            return
+        out = self._dispatch_out
+        out.append((cmd.engine_id, [cmd.client_ident, DELIM, *cmd.frames]))
+        if len(out) >= 64:
+            self._flush_dispatches()
+
+    def _flush_dispatches(self) -> None:
+        out, self._dispatch_out = self._dispatch_out, []
+        socks, recheck = self._engine_socks, self.poller.recheck
+        for engine_id, frames in out:
+            engine = socks.get(engine_id)
+            if engine is None:  # lost meanwhile: the state has dealt with its tasks
+                continue
+            directzmq.send(engine[0], frames)
+            recheck(engine[0])
 
     def _do_DeliverResult(self, cmd: C.DeliverResult) -> None:
         if cmd.decoded is not None:

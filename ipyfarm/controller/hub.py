@@ -132,6 +132,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         self._sleep_until = 0.0  # when the waiting hub thread wakes anyway (monotonic)
         self._yield_pending = False  # a client here woke a waiting thread: see _yield
         self._engine_socks: dict[int, tuple[zmq.Socket, zmq.Socket, str]] = {}
+        self._dispatch_out: list = []  # (engine id, frames) to send: _flush_dispatches
         self._control_groups: dict[str, dict] = {}  # control msg_id -> waiting hub request
         self._control_engine: dict[str, int] = {}  # control msg_id -> engine id
         self._sent_control: list[str] = []
@@ -247,6 +248,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                         log.exception("controller: error handling a message")
                     finally:
                         self._inline_ident = 0
+                    if self._dispatch_out:
+                        self._flush_dispatches()
                     if self._outbox:
                         self._flush_clients()
                     self._after_inline()
@@ -275,6 +278,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
 
     def _yield(self) -> None:
         self._yield_pending = False
+        if self._dispatch_out:  # engines get their tasks before this thread pauses
+            self._flush_dispatches()
         self._lock.release()
         try:
             time.sleep(0)
@@ -380,6 +385,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     else:  # not drained: its signal is spent, so look again next time
                         self.poller.recheck(sock)
                     frames = None  # a big message is not kept alive while the hub waits
+                    if self._dispatch_out:
+                        self._flush_dispatches()
                 now = time.monotonic()
                 if now >= next_timer or (deadline is not None and now >= deadline):
                     self._execute(self.state.handle(E.TimerFired(now)))
@@ -390,6 +397,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     if flush is not None:  # a persistent DB writes what waits
                         flush()
                     next_timer = now + timer_every
+                if self._dispatch_out:  # tasks the timers (re)scheduled
+                    self._flush_dispatches()
                 if self._outbox:  # batched replies go out before the hub waits
                     self._flush_clients()
         finally:

@@ -76,6 +76,8 @@ class OutputRelay:
         socks = self._engine_socks.get(owner[1]) if owner else None
         if socks is None:
             return
+        if self._dispatch_out:
+            self._flush_dispatches()  # tasks queued before it reach the engine first
         directzmq.send(socks[0], [ident, DELIM, *rest])
         self.poller.recheck(socks[0])
         if msg_type == "comm_close":
