@@ -705,3 +705,22 @@ def test_a_client_over_tcp_gets_results_intact_through_batches(cluster):
         assert [ar.get(30) for ar in many] == [i * i for i in range(300)]
     finally:
         rc2.close()
+
+
+def test_the_controller_remembers_a_bounded_number_of_batching_clients():
+    from ipyfarm.controller.hub import Hub
+    from ipyfarm.protocol import batch
+
+    hub = Hub()
+    hub.start()
+    try:
+        with hub._lock:  # the hub's thread is then not using its sockets
+            for i in range(batch.MAX_CLIENTS + 10):
+                hub._q_connection_request(b"client-%d" % i, {"msg_id": str(i)},
+                                          {"batch": True})
+            hub._q_connection_request(b"plain", {"msg_id": "p"}, {})
+        assert len(hub.batching) == batch.MAX_CLIENTS
+        assert b"client-0" not in hub.batching and b"client-9" not in hub.batching
+        assert b"client-10" in hub.batching and b"plain" not in hub.batching
+    finally:
+        hub.stop()

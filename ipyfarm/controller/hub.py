@@ -108,9 +108,11 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         self._posted: collections.deque = collections.deque()
         # clients in this process: their messages come and go as frame lists, no sockets
         self._local: dict[bytes, Callable[[Any], None]] = {}  # receiving ident -> deliver
-        # clients over sockets that take batched replies (protocol/batch.py), and the
-        # small messages waiting for each until the hub next waits: ident -> [msgs, bytes]
-        self.batching: set[bytes] = set()
+        # clients over sockets that take batched replies (protocol/batch.py; the latest
+        # batch.MAX_CLIENTS to connect: an older one just gets its replies one by one),
+        # and the small messages waiting for each until the hub next waits:
+        # ident -> [messages, their bytes, when they must go at the latest]
+        self.batching: dict[bytes, None] = {}
         self._outbox: dict[bytes, list] = {}
         self.batches_sent = 0  # (and the messages in them: for tests and diagnostics)
         self.batched_messages = 0

@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from ..protocol import batch
 from ..protocol.session import DELIM, frames_bytes
 from . import commands as C
 from . import events as E
@@ -40,7 +41,7 @@ class ClientRequests:
     _stop: Any
     _sent_control: list
     _local: dict
-    batching: set
+    batching: dict
 
     def _reply(self, ident: bytes, header: dict, msg_type: str, content: dict,
                buffers: list | None = None) -> None:
@@ -48,7 +49,10 @@ class ClientRequests:
 
     def _q_connection_request(self, ident: bytes, header: dict, content: dict) -> None:
         if content.get("batch") is True and ident not in self._local:
-            self.batching.add(ident)  # it unpacks batched replies (protocol/batch.py)
+            batching = self.batching  # it unpacks batched replies (protocol/batch.py)
+            batching[ident] = None
+            if len(batching) > batch.MAX_CLIENTS:  # the oldest one goes
+                del batching[next(iter(batching))]
         self._execute(self.state.handle(E.ClientConnected(time.monotonic(), ident)))
         self._reply(ident, header, "connection_reply",
                     {"status": "ok", "engines": self.state.engine_table()})

@@ -39,9 +39,9 @@ from .scheduling import Scheduling, dep_ids, remove_engine
 from .views import StateViews
 
 UNMET = "UnmetDependency"
-#: engines beyond which heartbeats slow down: a larger cluster is asked for a period
-#: (and given a timeout) that many times longer that its engines together beat no more
-#: often than this many at the configured period (1,024 engines at 1 s: 4 s)
+#: past this many live engines, the heartbeat period asked of engines (and the timeout
+#: they get) grows in proportion to their count, so that together they beat no more
+#: often than this many would at the configured period (1,024 engines at 1 s: 4 s)
 BEATING_ENGINES = 256
 # one string object for each task type, not one per record
 _MSG_TYPES = {t: t for t in ("apply_request", "execute_request")}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-__all__ = ["BATCH", "MAX_BYTES", "MAX_MESSAGES", "pack", "unpack"]
+__all__ = ["BATCH", "MAX_BYTES", "MAX_CLIENTS", "MAX_DELAY", "MAX_MESSAGES", "pack", "unpack"]
 
 BATCH = b"<IPYFARM|BATCH>"
 #: a batch is sent once it holds this many bytes or messages (it stays below the size
@@ -29,6 +29,9 @@ MAX_MESSAGES = 256
 #: nor does the first message of a batch wait longer than this (seconds) for others
 #: while the controller is busy
 MAX_DELAY = 0.002
+#: a controller batches for the latest this many clients to connect (an older one gets
+#: its replies one by one again): what it remembers stays bounded
+MAX_CLIENTS = 4096
 
 
 def pack(messages: list[list[bytes]]) -> bytes:

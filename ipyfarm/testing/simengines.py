@@ -478,9 +478,11 @@ def load_client(url: str, key: bytes, tasks: int, window: int = 2000,
 
     A load generator for the controller: each request is signed as a Client's would
     be, with its own msg_id and date, carrying a pickled ``os.getpid`` by reference and
-    no arguments; nothing else a Client does (results are counted, their status read,
-    nothing unpickled). Its header is written by string formatting (plain values only),
-    so that the generator takes as little as it can of the CPU the controller needs.
+    no arguments, one request a message; like a Client it takes batched replies
+    (protocol/batch.py). Nothing else a Client does: results are counted, their status
+    read, nothing unpickled. Its header is written by string formatting (plain values
+    only), so that the generator takes as little as it can of the CPU the controller
+    needs.
     """
     from ipyfarm.protocol.batch import BATCH, unpack
     from ipyfarm.protocol.serialize import pack_apply
