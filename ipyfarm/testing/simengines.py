@@ -150,7 +150,6 @@ class SimEngines:
                                                     for _ in range(max(1, reg_sockets))]
         self._todo: list = []  # callables from other threads, run on the loop
         self._delayed: list = []  # heap of (due, seq, sock, frames)
-        self._outgoing: list = []  # (engine, reply frames) to send after this drain
         self._hostname = socket.gethostname()
         self._reg: list[zmq.Socket] = []
         for _ in range(max(1, reg_sockets)):
@@ -261,13 +260,6 @@ class SimEngines:
             for sock, what in pending:
                 self._drain(sock, what)
             pending = []
-            # the replies to what was drained, back to back: libzmq's I/O thread, woken
-            # by the first, is often still busy for the next (one wake-up for many)
-            outgoing, self._outgoing = self._outgoing, []
-            for eng, frames in outgoing:
-                if not eng.gone:
-                    self._send(eng.sock, frames)
-                    sent.add(eng)
             now = time.monotonic()
             while self.heartbeats and beats and beats[0][0] <= now:
                 _, i = heapq.heappop(beats)
@@ -440,7 +432,7 @@ class SimEngines:
             heapq.heappush(self._delayed, (time.monotonic() + self.delay, next(self._ids),
                                            eng, out))
         else:
-            self._outgoing.append((eng, out))
+            self._send(eng.sock, out)
 
     def _reply(self, eng: _Engine, idents: list, parent: bytes, request_type: str,
                msg_type: str, content: bytes, buffers: list, digests: str) -> list:
