@@ -25,8 +25,8 @@ BATCH = b"<IPYFARM|BATCH>"
 #: a batch is sent once it holds this many bytes or messages, so that a burst does not
 #: wait on its own end. Small: ~8 replies of a no-op task already save most of the
 #: per-message cost, and with 48 kB batches the standalone controller's memory through
-#: 100,000 tasks varied more (peaks of +140 to +160 MB against +142 to +144 with 8 kB:
-#: the transient buffers fragment the heap its task records live in)
+#: 100,000 tasks varied more (peaks of +140 to +160 MB against +142 to +144 with 8 kB;
+#: likely the transient buffers, allocated among its task records)
 MAX_BYTES = 8 * 1024
 MAX_MESSAGES = 256
 #: nor does the first message of a batch wait longer than this (seconds) for others
