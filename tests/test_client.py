@@ -718,6 +718,10 @@ def test_the_controller_remembers_a_bounded_number_of_batching_clients():
             for i in range(batch.MAX_CLIENTS + 10):
                 hub._q_connection_request(b"client-%d" % i, {"msg_id": str(i)},
                                           {"batch": True})
+                if i == 0:  # a reply queued for the first goes out when it is dropped
+                    hub._to_client([b"client-0", b"<IDS|MSG>", b"queued"])
+                    assert b"client-0" in hub._outbox
+            assert b"client-0" not in hub._outbox
             hub._q_connection_request(b"plain", {"msg_id": "p"}, {})
         assert len(hub.batching) == batch.MAX_CLIENTS
         assert b"client-0" not in hub.batching and b"client-9" not in hub.batching

@@ -41,6 +41,8 @@ class ClientRequests:
     _stop: Any
     _sent_control: list
     _local: dict
+    _outbox: dict
+    _flush_client: Any
     batching: dict
 
     def _reply(self, ident: bytes, header: dict, msg_type: str, content: dict,
@@ -52,7 +54,10 @@ class ClientRequests:
             batching = self.batching  # it unpacks batched replies (protocol/batch.py)
             batching[ident] = None
             if len(batching) > batch.MAX_CLIENTS:  # the oldest one goes
-                del batching[next(iter(batching))]
+                oldest = next(iter(batching))
+                if oldest in self._outbox:
+                    self._flush_client(oldest)  # what it has queued goes before the rest
+                del batching[oldest]
         self._execute(self.state.handle(E.ClientConnected(time.monotonic(), ident)))
         self._reply(ident, header, "connection_reply",
                     {"status": "ok", "engines": self.state.engine_table()})
