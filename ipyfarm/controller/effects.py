@@ -79,15 +79,11 @@ class CommandEffects:
     def _do_DispatchTask(self, cmd: C.DispatchTask) -> None:
         # queued, sent by _flush_dispatches once the messages at hand are handled (the
         # hub flushes before it waits, yields or reads another socket): sends back to
-        # back find libzmq's I/O thread still awake from the first, one wake-up for many
-        if self._inline_ident:  # a client's thread submitting one task: at once
-            shell = self._engine_socks[cmd.engine_id][0]
-            directzmq.send(shell, [cmd.client_ident, DELIM, *cmd.frames])
-            self.poller.recheck(shell)
-            return
+        # back find libzmq's I/O thread still awake from the first, one wake-up for many.
+        # A client's thread submitting a task inline sends it at once
         out = self._dispatch_out
         out.append((cmd.engine_id, [cmd.client_ident, DELIM, *cmd.frames]))
-        if len(out) >= 64:
+        if self._inline_ident or len(out) >= 64:
             self._flush_dispatches()
 
     def _flush_dispatches(self) -> None:

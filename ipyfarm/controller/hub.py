@@ -250,10 +250,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                         log.exception("controller: error handling a message")
                     finally:
                         self._inline_ident = 0
-                    if self._dispatch_out:
-                        self._flush_dispatches()
-                    if self._outbox:
-                        self._flush_clients()
+                    self._send_queued()
                     self._after_inline()
                     return
             finally:
@@ -328,6 +325,13 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             self.batched_messages += len(msgs)
         self.poller.recheck(self.client_sock)
 
+    def _send_queued(self) -> None:
+        """Send the queued dispatches (those the timers made, say) and batched replies."""
+        if self._dispatch_out:
+            self._flush_dispatches()
+        if self._outbox:
+            self._flush_clients()
+
     def _flush_clients(self) -> None:
         """Send what waits for clients that take batches (before the hub waits)."""
         for ident in list(self._outbox):
@@ -399,10 +403,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
                     if flush is not None:  # a persistent DB writes what waits
                         flush()
                     next_timer = now + timer_every
-                if self._dispatch_out:  # tasks the timers (re)scheduled
-                    self._flush_dispatches()
-                if self._outbox:  # batched replies go out before the hub waits
-                    self._flush_clients()
+                self._send_queued()  # before the hub waits
         finally:
             switching.leave()
             try:
