@@ -728,3 +728,33 @@ def test_the_controller_remembers_a_bounded_number_of_batching_clients():
         assert b"client-10" in hub.batching and b"plain" not in hub.batching
     finally:
         hub.stop()
+
+
+def test_a_client_asks_again_when_its_connection_reply_is_lost(cluster):
+    """A controller drops a reply whose receiving socket is not connected yet (the
+    sending one can get there first over a slow link): the Client asks again instead of
+    waiting out its timeout. Here the controller's first answer is withheld."""
+    hub = cluster[0].controller.hub
+    answer = hub._q_connection_request
+    asked = []
+
+    def first_one_lost(ident, header, content):
+        asked.append(header["msg_id"])
+        if len(asked) > 1:
+            answer(ident, header, content)
+
+    hub._q_connection_request = first_one_lost
+    info = dict(cluster[0].controller.connection_info())
+    info.pop("inproc")  # over TCP, as from another process
+    try:
+        t0 = time.monotonic()
+        rc2 = ipp.Client(info, timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        del hub._q_connection_request
+    try:
+        assert len(asked) == 2 and 0.9 < took < 5, (asked, took)
+        assert sorted(rc2.ids) == sorted(cluster[1].ids)
+        assert rc2[rc2.ids[0]].apply_sync(lambda: 7) == 7
+    finally:
+        rc2.close()

@@ -130,8 +130,7 @@ class Client(ClientRecords):
             self._io.inline = self._on_hub_thread
         self._io.start()
         try:
-            # batch: it takes several small replies in one frame (ClientIO unpacks them)
-            reply = self._hub_request("connection_request", {"batch": True}, timeout=timeout)
+            reply = self._connect(timeout)
         except error.TimeoutError:
             self.close()
             raise error.NoClusterError(
@@ -329,6 +328,26 @@ class Client(ClientRecords):
         check_outgoing(buffers, self._info.get("max_message_bytes"), msg_type)
         msg = self.session.msg(msg_type, content=content)
         self._io.send(self.session.serialize_with_buffers(msg, None, list(buffers)))
+
+    def _connect(self, timeout: float | None) -> dict:
+        """The controller's connection_reply, asked again after 1, 2, 4, 5, 5... s until
+        it comes or ``timeout`` runs out. The reply goes to this client's receiving
+        socket, and a controller drops it if that socket's connection is not up yet when
+        the request arrives through the sending one (over a slow link, or a loaded
+        machine). Asking again is harmless. ``batch``: this client takes several small
+        replies in one frame (ClientIO unpacks them)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = 1.0
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                return self._hub_request("connection_request", {"batch": True},
+                                         timeout=wait if left is None else
+                                         max(0.01, min(wait, left)))
+            except error.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            wait = min(2 * wait, 5.0)
 
     def _hub_request(self, msg_type: str, content: dict, timeout: float | None = 10) -> dict:
         """Send a request to the controller and wait for its reply content."""
