@@ -31,7 +31,7 @@ import zmq
 from .protocol.received import MARK as _RECEIVED
 from .protocol.session import COPY_THRESHOLD, send_plain
 
-__all__ = ["BIG", "available", "readable", "recv", "send", "try_recv"]
+__all__ = ["BIG", "available", "readable", "recv", "send", "try_recv", "wake"]
 
 BIG = COPY_THRESHOLD  # frames this big travel zero-copy, as everywhere else
 _DONTWAIT = 1
@@ -111,6 +111,28 @@ def send(sock: Any, frames: list, copy_threshold: int = BIG) -> None:
                 raise _error(code)
         else:
             sock.send(frame, flags, copy=len(frame) < copy_threshold)
+
+
+def wake(sock: Any) -> bool:
+    """Send one empty frame on ``sock`` (a wake-up) without ever blocking; False when
+    it could not go: the reader's queue is full (it has wake-ups to read anyway), no
+    reader is connected (it has closed its end: no one is left to wake) or ``sock``
+    is closed. A blocking send there would wait for a reader that never comes."""
+    lib = _lib
+    if lib is not None:
+        try:
+            handle = ctypes.c_void_p(sock.underlying)
+        except (AttributeError, zmq.ZMQError):
+            return False
+        while lib.zmq_send(handle, b"", ctypes.c_size_t(0), _DONTWAIT) < 0:
+            if lib.zmq_errno() != _errno.EINTR:
+                return False
+        return True
+    try:
+        sock.send(b"", zmq.NOBLOCK)
+    except zmq.ZMQError:
+        return False
+    return True
 
 
 class _Slot:

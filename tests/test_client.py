@@ -758,3 +758,48 @@ def test_a_client_asks_again_when_its_connection_reply_is_lost(cluster):
         assert rc2[rc2.ids[0]].apply_sync(lambda: 7) == 7
     finally:
         rc2.close()
+
+
+def test_closing_a_client_whose_io_thread_already_ended_returns():
+    """The I/O thread may see a Client closing and shut its end of the wake-up pair
+    before close() sends the wake-up (seen once in CI as a hang in close()): a send
+    to a peer that is gone must not wait for it. The order is forced here: the
+    thread's last step waits on the lock that the closing thread holds."""
+    import threading
+
+    import zmq
+
+    from ipyfarm import directzmq
+    from ipyfarm.client.io import ClientIO
+
+    ctx = zmq.Context()
+    io = ClientIO(ctx, "tcp://127.0.0.1:9", lambda frames: None)
+    io._wake_lock = threading.RLock()  # so that the closing thread can take it twice
+    io.start()
+    failed = []
+
+    def close_late():
+        with io._wake_lock:  # the I/O thread's last step waits for this
+            io._stopping = True  # the thread ends its loop, as if close() had said so
+            directzmq.wake(io._wake)
+            deadline = time.monotonic() + 5
+            while not io._wake_pull.closed:
+                if time.monotonic() > deadline:
+                    failed.append("the I/O thread did not close its end")
+                    return
+                time.sleep(0.01)
+            time.sleep(0.2)  # (libzmq takes the closed end's pipe down asynchronously)
+            io._stopping = False
+            io.stop(timeout=0)  # ...and close() gets to its wake-up only now
+
+    closer = threading.Thread(target=close_late, daemon=True)
+    try:
+        closer.start()
+        closer.join(5)
+        assert not failed, failed
+        assert not closer.is_alive(), "close() waited for an I/O thread that had ended"
+        assert io.closed.wait(5)
+    finally:
+        io._stopping = True
+        if not closer.is_alive():  # (closing a socket a stuck thread uses aborts)
+            ctx.destroy(0)

@@ -96,6 +96,49 @@ def test_readable_says_whether_a_message_waits(pair, monkeypatch, direct):
     ctx.term()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_wake_up_never_blocks(monkeypatch, direct):
+    """wake() sends when a reader is there, and returns False at once (where a plain
+    send would wait for ever) when the reader has closed its end, when the reader's
+    queue is full, or when the socket itself is closed."""
+    if not direct:
+        monkeypatch.setattr(directzmq, "_lib", None)
+    ctx = zmq.Context()
+
+    def connected(name):
+        reader, waker = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        waker.linger = 0
+        reader.bind(f"inproc://directzmq-wake-{name}")
+        waker.connect(f"inproc://directzmq-wake-{name}")
+        return reader, waker
+
+    try:
+        reader, waker = connected("gone")
+        assert directzmq.wake(waker) is True
+        assert [bytes(f) for f in _recv(reader)] == [b""]
+        reader.close(0)  # the reader is gone: a plain send would now wait
+        time.sleep(0.2)  # (libzmq takes the pipe down asynchronously)
+        waker.sndtimeo = 100
+        with pytest.raises(zmq.Again):
+            waker.send(b"")
+        started = time.monotonic()
+        for _ in range(3):
+            assert directzmq.wake(waker) is False
+        assert time.monotonic() - started < 0.5
+        waker.close(0)
+        assert directzmq.wake(waker) is False  # closed
+
+        reader, waker = connected("full")
+        waker.sndhwm = reader.rcvhwm = 1
+        sent = sum(directzmq.wake(waker) for _ in range(5000))
+        assert 1 <= sent < 5000  # the rest dropped, not waited for
+        assert [bytes(f) for f in _recv(reader)] == [b""]
+        reader.close(0)
+        waker.close(0)
+    finally:
+        ctx.destroy(0)
+
+
 def test_a_busy_python_thread_does_not_hold_up_sends_and_receives(pair):
     """The calls keep the GIL: with a thread spinning in Python and a 50 ms switch
     interval, pyzmq's 2,800 frame operations below would each wait up to 50 ms for the

@@ -164,7 +164,7 @@ class ClientIO(threading.Thread):
         if len(inbox) == 1:  # append first: see Hub.post_client
             with self._wake_lock:
                 if not self._stopping:
-                    directzmq.send(self._wake, [b""])  # keeps the hub thread's GIL
+                    directzmq.wake(self._wake)  # keeps the hub thread's GIL
 
     def send(self, frames: list, track: bool = False, task: bool = False,
              header: dict | None = None) -> Any:
@@ -223,7 +223,9 @@ class ClientIO(threading.Thread):
             if self._stopping:
                 return
             self._stopping = True
-            self._wake.send(b"")
+            # not a blocking send: the I/O thread may have seen _stopping already and
+            # closed its end, and a PAIR socket without a peer would wait for ever
+            directzmq.wake(self._wake)
             self.out.close(0)
         with self._cb_lock:
             cb_thread = self._cb_thread

@@ -197,7 +197,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         """Hand an event to the hub from any thread."""
         self._posted.append(event)
         with self._post_lock:
-            directzmq.send(self.wake_push, [b""])
+            directzmq.wake(self.wake_push)
 
     def attach_local(self, ident: bytes, deliver: Callable[[list], None]) -> Callable[[list], None]:
         """Serve a client of this process without sockets.
@@ -223,7 +223,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         # appending races with the hub's last look)
         if len(inbox) == 1:
             with self._post_lock:
-                directzmq.send(self.wake_push, [b""])  # the poster keeps the GIL
+                directzmq.wake(self.wake_push)  # the poster keeps the GIL
 
     def post_task(self, frames: list, header: dict | None = None) -> None:
         """A task from a client of this process (any thread): submitted at once, on
@@ -266,7 +266,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
         deadline = self.state.next_deadline()
         if readable or (deadline is not None and deadline < self._sleep_until):
             with self._post_lock:
-                directzmq.send(self.wake_push, [b""])
+                directzmq.wake(self.wake_push)
 
     def yield_after_message(self) -> None:
         """Called on the hub's thread by a client of this process that just woke a
@@ -349,10 +349,7 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         with self._post_lock:
-            try:
-                self.wake_push.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            directzmq.wake(self.wake_push)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
