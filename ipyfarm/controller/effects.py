@@ -100,6 +100,10 @@ class CommandEffects:
         if cmd.decoded is not None:
             deliver = self._local.get(cmd.client_ident)
             if deliver is not None:
+                if self._dispatch_out:
+                    # the engines' next tasks go before this client handles the result
+                    # (on this thread): an engine with room idles until they come
+                    self._flush_dispatches()
                 deliver(cmd.decoded)
                 return
         self._to_client([cmd.client_ident, DELIM, *cmd.frames])

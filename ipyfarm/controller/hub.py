@@ -626,7 +626,13 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             # for a client of this process: what it would otherwise verify and decode again
             Parsed(header, parent, md, content, rest[5:]),
         )
-        self._execute(self.state.handle(ev))
+        commands = self.state.handle(ev)
+        if (len(commands) > 1 and type(commands[0]) is C.DeliverResult
+                and all(type(c) is C.DispatchTask for c in commands[1:])):
+            # the tasks this reply made room for are dispatched before the result is
+            # delivered (the state lists it first): see _do_DeliverResult
+            commands.append(commands.pop(0))
+        self._execute(commands)
 
     def _on_engine_control(self, engine_id: int, frames: list) -> None:
         decoded = self._decode(frames, f"engine {engine_id} control")
