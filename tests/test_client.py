@@ -47,6 +47,12 @@ def test_targets_select_engines(rc):
     assert rc.direct_view().targets == "all"
     with pytest.raises(IndexError, match="no engine 9"):
         rc[9]
+    # lists: ids checked one by one, negative ones counted from the end, others refused
+    assert rc._resolve_targets([1, 0, -1]) == [1, 0, 1]
+    with pytest.raises(IndexError, match="no engine 9"):
+        rc._resolve_targets([0, 9])
+    with pytest.raises(TypeError, match="must be ints"):
+        rc._resolve_targets([0, "1"])
 
 
 def test_push_pull_get_update(rc):

@@ -203,6 +203,17 @@ class Client(ClientRecords):
 
     def _resolve_targets(self, targets: Any, keep_single: bool = False) -> Any:
         """Engine ids from ``targets`` (int, list, slice, "all", None)."""
+        if isinstance(targets, list | tuple | range):
+            engines = self._engines
+            out = []
+            for t in targets:
+                if type(t) is int and t >= 0 and t in engines:
+                    out.append(t)  # (ids are not sorted again for each: 1,024 engines)
+                    continue
+                if not isinstance(t, int):
+                    raise TypeError(f"engine ids must be ints, got {t!r}")
+                out.append(self._resolve_targets(t, keep_single=True))
+            return out
         ids = self.ids
         if targets is None or (isinstance(targets, str) and targets == "all"):
             if not ids:
@@ -223,13 +234,6 @@ class Client(ClientRecords):
             if not chosen:
                 raise IndexError(f"slice {targets} selects no engine of {ids}")
             return chosen
-        if isinstance(targets, list | tuple | range):
-            out = []
-            for t in targets:
-                if not isinstance(t, int):
-                    raise TypeError(f"engine ids must be ints, got {t!r}")
-                out.append(self._resolve_targets(t, keep_single=True))
-            return out
         raise TypeError(f"targets must be an int, list of ints, slice or 'all', not {targets!r}")
 
     def wait_for_engines(self, n: int | None = None, timeout: float | None = -1,
