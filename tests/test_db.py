@@ -126,12 +126,12 @@ def test_results_and_requests_share_the_byte_budget():
         db.add(r)
     db.store_result(a, ["ra"], 40)
     db.store_request(a, ["qa"], 40)
-    assert db.stored_bytes == 80 and a.request_frames == ("qa",)
+    assert db.stored_bytes == 80 and a.request_frames == ["qa"]
     db.store_request(b, ["qb"], 61)  # over the per-payload cap: not kept
     assert b.request_frames is None and b.request_nbytes == 61 and db.stored_bytes == 80
     db.store_result(b, ["rb"], 30)  # 110 > 100: the oldest payload (a's result) goes
     assert a.result_frames is None and a.released
-    assert a.request_frames == ("qa",) and b.result_frames == ("rb",)
+    assert a.request_frames == ["qa"] and b.result_frames == ["rb"]
     assert db.stored_bytes == 70
     db.store_request(c, ["qc"], 40)  # 110: a's request goes; results stay unreleased
     assert a.request_frames is None and not b.released and db.stored_bytes == 70
@@ -189,8 +189,8 @@ def test_sqlite_round_trip_survives_reopen(tmp_path):
         assert [r.msg_id for r in db] == ["ok", "err", "big", "pend"]
         got = db.get("ok")
         assert got.status == "ok" and got.label == "L" and got.engine_id == 0
-        assert got.result_frames == (b"header", b"\x00\x01" * 10)
-        assert got.request_frames == (b"req",) and not got.released
+        assert got.result_frames == [b"header", b"\x00\x01" * 10]
+        assert got.request_frames == [b"req"] and not got.released
         assert got.client_ident == b"client-1" and got.submitted_date == T0.isoformat()
         assert abs(got.received - 5.0) < 1e-3  # wall-clock on disk, monotonic in memory
         assert db.get("err").ename == "ZeroDivisionError"
@@ -208,7 +208,7 @@ def test_sqlite_round_trip_survives_reopen(tmp_path):
         db.finish(got)
         db.flush()
         assert db.query({"resubmitted": "ok2"}, []) == [{"msg_id": "ok"}]
-        assert db.get("ok").result_frames == (b"header", b"\x00\x01" * 10)
+        assert db.get("ok").result_frames == [b"header", b"\x00\x01" * 10]
     finally:
         db.close()
 
@@ -267,7 +267,7 @@ def test_sqlite_100k_tasks(tmp_path):
         errors = db.query({"status": "error", "engine_id": {"$in": [0, 1]}}, ["status"])
         assert len(errors) == 2_500
         t_query = time.perf_counter() - t0 - t_write
-        assert db.get("task-099999").result_frames == tuple(frames)
+        assert db.get("task-099999").result_frames == frames
         assert db.purge(engine_ids=[0]) == 12_500
         assert db.purge() == 87_500 and len(db) == 0
         total = time.perf_counter() - t0

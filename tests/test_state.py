@@ -51,7 +51,7 @@ def test_direct_task_is_dispatched_then_delivered(state):
     cmds = state.handle(E.ReplyArrived(2.0, 0, "m1", "ok", ["r"], 10))
     assert cmds == [C.DeliverResult(b"c1", "m1", ["r"])]
     assert state.record("m1").status == "ok"
-    assert state.record("m1").result_frames == ("r",)
+    assert state.record("m1").result_frames == ["r"]
     assert state.queue_status()[0]["completed"] == 1
 
 
@@ -171,7 +171,7 @@ def test_result_storage_is_bounded():
     s.handle(E.ReplyArrived(2.0, 0, "big", "ok", ["r"], 61))
     assert s.db.stored_bytes <= 100
     assert s.record("big").released and s.record("big").result_frames is None
-    assert s.record("m0").released and s.record("m4").result_frames == ("r",)
+    assert s.record("m0").released and s.record("m4").result_frames == ["r"]
     s.check_invariants()
 
 

@@ -57,12 +57,7 @@ REQUEST = "request"
 
 
 def _set_payload(rec: TaskRecord, kind: str, frames: Any, released: bool = False) -> None:
-    """Hold ``frames`` as the record's result or request (``released``: dropped for space).
-
-    Held as a tuple: one of bytes only is left out of the garbage collector's scans
-    (a list never is), and a session keeps thousands of these."""
-    if frames is not None and type(frames) is not tuple:
-        frames = tuple(frames)
+    """Hold ``frames`` as the record's result or request (``released``: dropped for space)."""
     if kind == RESULT:
         rec.result_frames = frames
         rec.released = released
