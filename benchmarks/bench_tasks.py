@@ -255,9 +255,15 @@ def main() -> None:
 
     with Relay() as relay:
         floor_rt, floor_rate = relay.round_trip_ms(1.0), relay.messages_per_s()
+        floor_two = relay.messages_per_s(window=2)
     print(f"reference: a Python zmq relay (benchmarks/relayfloor.py): round trip "
           f"{floor_rt:.3f} ms, {floor_rate:.0f} round trips/s with 1,000 in flight "
           f"(each message relayed twice)")
+    # the apply_async loop's own shape: with hwm=1, 2 engines have 2 tasks in flight
+    loop = results.get("ipyfarm", {}).get("apply_async loop, tasks/s (2 engines)")
+    print(f"reference: the same relay with 2 in flight (the loop's shape at hwm=1, 2 "
+          f"engines): {floor_two:.0f} round trips/s"
+          + (f"; ipyfarm's loop reaches {loop / floor_two:.2f}x that" if loop else ""))
     if args.with_dask:
         print(f"reference: Dask LocalCluster(2 workers) submit loop: "
               f"{dask_rate(n_tasks):.0f} tasks/s")

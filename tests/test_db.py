@@ -120,7 +120,9 @@ def test_memory_query_oldest_first_with_keys():
 
 
 def test_results_and_requests_share_the_byte_budget():
-    db = MemoryTaskDB(max_total_bytes=100, max_result_bytes=60)
+    # the payloads' own bytes only here; the overheads: the test below
+    db = MemoryTaskDB(max_total_bytes=100, max_result_bytes=60, frame_overhead=0,
+                      payload_overhead=0)
     a, b, c = rec("a"), rec("b"), rec("c")
     for r in (a, b, c):
         db.add(r)
@@ -138,6 +140,30 @@ def test_results_and_requests_share_the_byte_budget():
     for r in (a, b, c):
         r.status = "ok"
     assert db.purge() == 3 and db.stored_bytes == 0
+
+
+def test_the_byte_budget_counts_what_payloads_take_in_memory():
+    """Python's objects around the frames count too (a no-op task's ~1.9 kB of frames
+    take ~2.6 kB): the default budget bounds memory, not just the frames' lengths."""
+    from ipyfarm.controller.db import FRAME_OVERHEAD, PAYLOAD_OVERHEAD
+
+    frames = [b"s" * 64, b"h" * 300, b"{}", b"m" * 90, b"{}", b"b" * 500]
+    nbytes = sum(map(len, frames))
+    cost = nbytes + PAYLOAD_OVERHEAD + FRAME_OVERHEAD * len(frames)
+    db = MemoryTaskDB(max_total_bytes=2 * cost)
+    recs = [rec(f"t{i}") for i in range(3)]
+    for r in recs:
+        db.add(r)
+        db.store_result(r, frames, nbytes)
+    assert recs[0].released and recs[0].result_frames is None  # 3 x cost > budget
+    assert recs[1].result_frames == frames and recs[2].result_frames == frames
+    assert db.stored_bytes == 2 * cost
+    assert recs[2].result_nbytes == nbytes  # what queries report: the frames' bytes
+    # the real cost of holding them, measured: the overheads do not overstate it
+    import sys
+
+    held = sum(sys.getsizeof(f) for f in frames) + sys.getsizeof(list(frames))
+    assert held <= cost
 
 
 def test_memory_purge_by_engine_keeps_pending():
