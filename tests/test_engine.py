@@ -468,6 +468,35 @@ def test_burst_of_mixed_requests_is_read_directly_and_kept_in_order(engine):
     assert reader == "on_events", reader
 
 
+def test_a_burst_longer_than_one_drain_stays_with_the_direct_reader(engine):
+    """Past one drain (256 messages) the reader gives the loop a turn and reads on
+    itself; the ZMQStream, which reads one message per turn through a slower path and
+    keeps reading while any is left, gets none of them."""
+    engine.apply_value(_count_stream_reads)
+    ids = [engine.send(engine.shell, "apply_request", {},
+                       pack_apply(ops.push, ({"deep": i},), {})) for i in range(700)]
+    replies = [engine.reply(engine.shell, m, timeout=30) for m in ids]
+    assert [r["parent_header"]["msg_id"] for r in replies] == ids
+    assert all(r["content"]["status"] == "ok" for r in replies)
+    assert engine.apply_value(ops.pull, "deep") == 699
+    assert engine.apply_value(ops.pull, "_stream_reads") == 0
+
+
+def _count_stream_reads():
+    from ipyfarm.engine import ops as engine_ops
+
+    stream = engine_ops._kernel.shell_stream
+    ns = engine_ops._kernel.shell.user_ns
+    ns["_stream_reads"] = 0
+    original = stream._handle_recv
+
+    def counted():
+        ns["_stream_reads"] += 1
+        return original()
+
+    stream._handle_recv = counted
+
+
 def _shell_reader_name():
     from ipyfarm.engine import ops as engine_ops
 

@@ -158,6 +158,7 @@ class FarmKernel(IPythonKernel):
         fileobj, stream_handler = entry
         try_recv = directzmq.try_recv
         log = self.log
+        aio = getattr(stream.io_loop, "asyncio_loop", None)
 
         def logged(future: asyncio.Future) -> None:
             if not future.cancelled() and future.exception() is not None:
@@ -180,7 +181,14 @@ class FarmKernel(IPythonKernel):
                     continue
                 if pending is not None:  # ipykernel's path: a coroutine, as the stream
                     asyncio.ensure_future(pending).add_done_callback(logged)
-            if not drained or stream.sending():
+            if not drained and aio is not None:
+                # the rest after the loop's next turn, still read here: the stream would
+                # take them one per turn through its own, slower path (and keep them,
+                # rescheduling itself while any is left)
+                aio.call_soon(on_events, fd_, 0)
+                if stream.sending():
+                    stream_handler(fd_, events)
+            elif not drained or stream.sending():
                 # the stream reads what is left, or sends what it queued. Drained with
                 # nothing queued, it would only ask the socket its state again (half
                 # an apply's time on the engine); a send queued later schedules the
