@@ -165,11 +165,12 @@ class FarmKernel(IPythonKernel):
                 log.error("Exception handling a shell message", exc_info=future.exception())
 
         def on_events(fd_: Any, events: int) -> None:
-            drained = False
-            for _ in range(256):  # then give the loop a turn; the stream looks again
+            drained = failed = False
+            for _ in range(256):  # then give the loop a turn, and read on
                 try:
                     frames = try_recv(sock)
                 except zmq.ZMQError:
+                    failed = True  # (closed, say): the stream's handler deals with it
                     break
                 if frames is None:
                     drained = True
@@ -181,7 +182,7 @@ class FarmKernel(IPythonKernel):
                     continue
                 if pending is not None:  # ipykernel's path: a coroutine, as the stream
                     asyncio.ensure_future(pending).add_done_callback(logged)
-            if not drained and aio is not None:
+            if not drained and not failed and aio is not None:
                 # the rest after the loop's next turn, still read here: the stream would
                 # take them one per turn through its own, slower path (and keep them,
                 # rescheduling itself while any is left)
