@@ -46,6 +46,10 @@ __all__ = ["EngineStartError", "FarmEngineApp", "main"]
 #: seconds between "the controller is gone" and a forced exit, if the engine is stuck in
 #: user code and cannot stop by itself
 EXIT_GRACE = 3.0
+#: seconds a SIGTERM leaves the engine to stop cleanly (unregister, remove its connection
+#: file, end its threads) before it is forced out; under the local launcher's 5 s between
+#: SIGTERM and SIGKILL, so that the forced exit still unregisters and cleans up
+TERM_GRACE = 4.0
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -69,13 +73,28 @@ class MainThreadShell:
         return False
 
 
-def _error_to_terminal(text: str) -> None:
-    """Write to the engine's real stderr, even after the kernel has captured fd 2."""
+def _terminal_fd() -> int:
+    """The engine's real stderr, even after the kernel has captured fd 2."""
     fd = getattr(sys.stderr, "_original_stdstream_copy", None)
     if fd is None:
         fd = sys.__stderr__.fileno() if sys.__stderr__ is not None else 2
+    return fd
+
+
+def _dump_threads() -> None:
+    """Every thread's stack to the engine's real stderr (for a forced exit's report)."""
     try:
-        os.write(fd, (text.rstrip("\n") + "\n").encode(errors="replace"))
+        import faulthandler
+
+        faulthandler.dump_traceback(file=_terminal_fd(), all_threads=True)
+    except Exception:  # noqa: BLE001 - the report must not stop the exit
+        pass
+
+
+def _error_to_terminal(text: str) -> None:
+    """Write to the engine's real stderr, even after the kernel has captured fd 2."""
+    try:
+        os.write(_terminal_fd(), (text.rstrip("\n") + "\n").encode(errors="replace"))
     except OSError:
         pass
 
@@ -323,6 +342,9 @@ class FarmEngineApp(IPKernelApp):
         super().init_signal()
 
         def terminate(signum: int, frame: Any) -> None:
+            # user code that catches BaseException would swallow the EngineExit, and a
+            # stuck exit would hang: either way the engine leaves after TERM_GRACE
+            self._force_exit_after(TERM_GRACE, "SIGTERM")
             raise EngineExit(0)
 
         signal.signal(signal.SIGTERM, terminate)
@@ -407,6 +429,7 @@ class FarmEngineApp(IPKernelApp):
             if self.link is not None:
                 self.link.stop(unregister=self._exit_code == 0)
             self._join_control_thread()
+            self._cleaned_up = True
         if self._exit_code:
             self.exit(self._exit_code)
         return None
@@ -468,10 +491,45 @@ class FarmEngineApp(IPKernelApp):
     def _stdin_closed(self) -> None:
         """The launcher closed our stdin (its ``stop()``, or its ssh session ended): stop
         as on SIGTERM (unregistering), by force if user code holds on past the grace."""
+        self._force_exit_after(EXIT_GRACE, "the launcher closed its stdin")
         os.kill(os.getpid(), signal.SIGTERM)
-        timer = threading.Timer(EXIT_GRACE, self._hard_exit)
+
+    _cleaned_up = False
+    _exit_timer: threading.Timer | None = None
+
+    def _force_exit_after(self, seconds: float, why: str) -> None:
+        """Arm (once) a timer that ends the process if it is still running ``seconds``
+        from now: a task that ignores the stop, or a thread that holds up the exit."""
+        if self._exit_timer is not None:
+            return
+        timer = threading.Timer(seconds, self._stuck_exit, args=(seconds, why))
         timer.daemon = True
+        self._exit_timer = timer
         timer.start()
+
+    def _stuck_exit(self, seconds: float, why: str) -> None:
+        engine = self.kernel.engine_id if self.kernel is not None else -1
+        if self._cleaned_up:
+            # unregistered and threads told to stop: what is left is the interpreter's
+            # own teardown (atexit handlers, one of which removes the connection file),
+            # which must not keep the engine alive
+            _error_to_terminal(
+                f"ipyfarm engine {engine} ({self.engine_uuid}) stopped after {why}, but "
+                f"Python's exit did not finish within {seconds:g} s; ending the process. "
+                "Where each thread was:")
+            _dump_threads()
+            self.cleanup_connection_file()
+            os._exit(0)
+        _error_to_terminal(
+            f"ipyfarm engine {engine} ({self.engine_uuid}) did not stop within {seconds:g} s "
+            f"of {why}; forcing it out. Likely cause: the running task ignores the stop "
+            "(it catches BaseException or SystemExit, or waits in code that cannot be "
+            "interrupted). Where each thread was:"
+        )
+        _dump_threads()
+        if self.link is not None:
+            self.link.stop(unregister=True, timeout=1.0)
+        self._hard_exit()
 
     def _hard_exit(self) -> None:
         """Stuck (busy in user code): remove the connection file and exit now."""
