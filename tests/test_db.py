@@ -177,6 +177,33 @@ def test_memory_purge_by_engine_keeps_pending():
     assert [r.msg_id for r in db] == ["m1", "m3"]
 
 
+def test_past_the_record_cap_a_tenth_of_the_oldest_finished_records_go():
+    db = MemoryTaskDB(max_records=100)
+    db.add(rec("pending"))  # never finishes: never dropped
+    for i in range(100):
+        db.add(rec(f"m{i}"))
+        done(db, db.get(f"m{i}"))
+    # the 101st record passed the cap: the ten oldest finished ones went at once
+    assert len(db) == 91
+    assert [r.msg_id for r in db][:2] == ["pending", "m10"]
+    for i in range(100, 109):  # room for nine more before the next cull
+        db.add(rec(f"m{i}"))
+        done(db, db.get(f"m{i}"))
+    assert len(db) == 100
+    db.add(rec("m109"))
+    assert len(db) == 91 and "pending" in db and "m20" in db and "m19" not in db
+    # many rounds of culls stay cheap: the dict of records is not walked from its start
+    # past every removed entry once per task
+    t0 = time.perf_counter()
+    big = MemoryTaskDB(max_records=20_000)
+    for i in range(200_000):
+        r = rec(f"t{i}")
+        big.add(r)
+        done(big, r)
+    assert len(big) <= 20_000
+    assert time.perf_counter() - t0 < 20
+
+
 # ---------------------------------------------------------------------- SQLite DB
 def test_pack_frames_round_trip():
     import zmq

@@ -98,7 +98,8 @@ class MemoryTaskDB:
         self.frame_overhead = frame_overhead
         self.payload_overhead = payload_overhead
         self.clock_offset = clock_offset
-        self._records: OrderedDict[str, TaskRecord] = OrderedDict()
+        # a plain dict keeps insertion order too, at ~half an OrderedDict's cost an entry
+        self._records: dict[str, TaskRecord] = {}
         # (msg_id, RESULT | REQUEST) -> nbytes held, oldest first
         self._stored: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.stored_bytes = 0
@@ -118,7 +119,10 @@ class MemoryTaskDB:
     def add(self, rec: TaskRecord) -> None:
         self._records[rec.msg_id] = rec
         if len(self._records) > self.max_records:
-            self._evict_oldest_done(len(self._records) - self.max_records)
+            # a tenth at a time: a dict finds its oldest entry by walking past those
+            # already removed, so evicting one per task would walk further each time
+            over = len(self._records) - self.max_records
+            self._evict_oldest_done(max(over, self.max_records // 10))
 
     def store_result(self, rec: TaskRecord, frames: Any, nbytes: int) -> None:
         """Keep a reply's frames while they fit the budget; else mark it released."""
@@ -197,6 +201,6 @@ class MemoryTaskDB:
         for msg_id in victims:
             self.remove(msg_id)
         if len(victims) > 1000:  # dicts never shrink by themselves: give their tables back
-            self._records = OrderedDict(self._records)
+            self._records = dict(self._records)
             self._stored = OrderedDict(self._stored)
         return len(victims)

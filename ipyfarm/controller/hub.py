@@ -65,6 +65,11 @@ def _curve_keys(ip: str, wanted: bool | None) -> tuple[str, str] | None:
     return None
 
 
+#: one string object per reply status: a JSON decode makes a new "ok" for every reply,
+#: and each finished task's record keeps its status (~50 bytes a record otherwise)
+_STATUSES = {s: s for s in ("ok", "error", "aborted")}
+
+
 class Hub(ClientRequests, OutputRelay, CommandEffects):
     """Sockets and the event loop around a :class:`ControllerState`."""
 
@@ -617,6 +622,8 @@ class Hub(ClientRequests, OutputRelay, CommandEffects):
             self.dropped["malformed"] += 1
             return
         status = content.get("status", "error")
+        if type(status) is str:  # the record keeps one shared "ok", not a decoded copy each
+            status = _STATUSES.get(status, status)
         rest = compact(rest)
         ev = E.ReplyArrived(
             time.monotonic(), engine_id, msg_id, status, rest, frames_nbytes(rest),
