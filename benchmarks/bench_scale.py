@@ -14,6 +14,8 @@ Prints, in one run (the machine is noisy: compare within a run):
    ``os.getpid``, pipelined) and (b) by a load-generating client process
    (``simengines --client``: signed apply_requests, results counted, not unpickled),
    each the best of three rounds (all three printed); execute fan-out 64 vs 2 simulated engines (the controller's and client's share alone).
+4. The floor under the fan-out ratio (``fanoutfloor.py``): one plain zmq message to each
+   of 64 and of 2 echo processes and back, no ipyfarm, no Jupyter.
 
 Not a test: it asserts nothing and only reports.
 """
@@ -207,6 +209,11 @@ def main() -> None:
           f"2 -> {s['sim_fan_two'] * 1e3:.1f} ms, "
           f"ratio {s['sim_fan_all'] / s['sim_fan_two']:.1f}x")
     print(f"all unregistered in {s['unregistered_in']:.2f} s (left alive: {s['left_alive']})")
+    import fanoutfloor  # next to this script
+
+    floor = fanoutfloor.measure([2, 64], 2.0 if args.quick else 4.0)
+    print(f"floor, plain zmq echo processes: 64 -> {floor[64] * 1e3:.2f} ms, "
+          f"2 -> {floor[2] * 1e3:.3f} ms, ratio {floor[64] / floor[2]:.1f}x")
 
 
 if __name__ == "__main__":

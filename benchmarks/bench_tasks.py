@@ -264,6 +264,14 @@ def main() -> None:
     print(f"reference: the same relay with 2 in flight (the loop's shape at hwm=1, 2 "
           f"engines): {floor_two:.0f} round trips/s"
           + (f"; ipyfarm's loop reaches {loop / floor_two:.2f}x that" if loop else ""))
+    # and with the controller in the submitting process, as the loop above runs it
+    from fanoutfloor import pipelined
+
+    direct_two = pipelined(2)
+    print(f"reference: no relay, this process <-> 2 plain zmq echo processes, one message "
+          f"in flight each (benchmarks/fanoutfloor.py; the embedded loop's shape at hwm=1): "
+          f"{direct_two:.0f} round trips/s"
+          + (f"; ipyfarm's loop reaches {loop / direct_two:.2f}x that" if loop else ""))
     if args.with_dask:
         print(f"reference: Dask LocalCluster(2 workers) submit loop: "
               f"{dask_rate(n_tasks):.0f} tasks/s")
