@@ -672,13 +672,17 @@ def test_clean_exit_unregisters_and_removes_connection_file(tmp, how):
             # not a failure for the user, but where it hung is worth knowing
             warnings.warn(f"engine teardown was forced:\n{engine.stderr()}", stacklevel=1)
         assert not path.exists()
-        deadline = time.monotonic() + 2
-        while "unregistration_request" not in controller.received:
-            assert time.monotonic() < deadline, controller.received
-            time.sleep(0.02)
+        _wait_unregistered(controller, 2)
     finally:
         engine.kill()
         controller.close()
+
+
+def _wait_unregistered(controller, timeout):
+    deadline = time.monotonic() + timeout
+    while "unregistration_request" not in controller.received:
+        assert time.monotonic() < deadline, controller.received
+        time.sleep(0.02)
 
 
 def test_sigterm_forces_out_a_task_that_swallows_the_stop(tmp):
@@ -710,10 +714,7 @@ def test_sigterm_forces_out_a_task_that_swallows_the_stop(tmp):
         assert "catches BaseException" in err, err
         assert "most recent call first" in err, err  # faulthandler's dump of the threads
         assert not path.exists()
-        deadline = time.monotonic() + 5
-        while "unregistration_request" not in controller.received:
-            assert time.monotonic() < deadline, controller.received
-            time.sleep(0.02)
+        _wait_unregistered(controller, 5)
     finally:
         engine.kill()
         controller.close()
