@@ -511,30 +511,26 @@ class FarmEngineApp(IPKernelApp):
         engine = self.kernel.engine_id if self.kernel is not None else -1
         if self._cleaned_up:
             # unregistered and threads told to stop: what is left is the interpreter's
-            # own teardown (atexit handlers, one of which removes the connection file),
-            # which must not keep the engine alive
-            _error_to_terminal(
-                f"ipyfarm engine {engine} ({self.engine_uuid}) stopped after {why}, but "
-                f"Python's exit did not finish within {seconds:g} s; ending the process. "
-                "Where each thread was:")
-            _dump_threads()
-            self.cleanup_connection_file()
-            os._exit(0)
-        _error_to_terminal(
-            f"ipyfarm engine {engine} ({self.engine_uuid}) did not stop within {seconds:g} s "
-            f"of {why}; forcing it out. Likely cause: the running task ignores the stop "
-            "(it catches BaseException or SystemExit, or waits in code that cannot be "
-            "interrupted). Where each thread was:"
-        )
+            # own teardown (atexit handlers, one of which removes the connection file)
+            text = (f"stopped after {why}, but Python's exit did not finish within "
+                    f"{seconds:g} s; ending the process.")
+        else:
+            text = (f"did not stop within {seconds:g} s of {why}; forcing it out. Likely "
+                    "cause: the running task ignores the stop (it catches BaseException "
+                    "or SystemExit, or waits in code that cannot be interrupted).")
+        _error_to_terminal(f"ipyfarm engine {engine} ({self.engine_uuid}) {text} "
+                           "Where each thread was:")
         _dump_threads()
-        if self.link is not None:
+        if not self._cleaned_up and self.link is not None:
             self.link.stop(unregister=True, timeout=1.0)
-        self._hard_exit()
+        # asked to stop, and stopped: 0, as for a clean stop, so that a cluster that
+        # restarts crashed engines does not bring this one back
+        self._hard_exit(0)
 
-    def _hard_exit(self) -> None:
+    def _hard_exit(self, code: int = 1) -> None:
         """Stuck (busy in user code): remove the connection file and exit now."""
         self.cleanup_connection_file()
-        os._exit(1)
+        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
