@@ -450,6 +450,43 @@ def test_apply_behind_an_async_cell_waits_for_it(engine):
     assert all(r["parent_header"]["msg_id"] == m for r, m in zip(got, ids, strict=True))
 
 
+def test_execute_behind_an_async_cell_waits_for_it(engine):
+    """An execute whose cell does not await runs to its end inside the socket's
+    callback; one whose cell awaits goes on as a task holding the shell, so the
+    executes and applies sent after it still run after it, in order."""
+    async_cell = engine.send(engine.shell, "execute_request", {
+        "code": "import asyncio\nawait asyncio.sleep(0.4)\nafter_await = 'cell done'",
+        "silent": False, "stop_on_error": False}, metadata={"engine_id": 0})
+    time.sleep(0.1)  # the cell is awaiting now
+    behind = engine.send(engine.shell, "execute_request", {
+        "code": "seen_behind = after_await", "silent": False, "stop_on_error": False},
+        metadata={"engine_id": 0})
+    pull = engine.send(engine.shell, "apply_request", {},
+                       pack_apply(ops.pull, ("seen_behind",), {}))
+    got = [_recv(engine.shell, engine.session) for _ in range(3)]
+    assert [r["parent_header"]["msg_id"] for r in got] == [async_cell, behind, pull]
+    assert [r["content"]["status"] for r in got] == ["ok", "ok", "ok"], got[1]["content"]
+    assert loads(got[2]["buffers"]) == "cell done"
+
+
+def test_an_execute_error_aborts_the_executes_already_queued(engine):
+    """stop_on_error: executes that reached the engine before a failing cell ended are
+    aborted, as ipykernel does it; the engine takes new ones again afterwards."""
+    ids = [engine.send(engine.shell, "execute_request",
+                       {"code": code, "silent": False, "stop_on_error": True},
+                       metadata={"engine_id": 0})
+           for code in ("import time; time.sleep(0.3)", "1/0", "never_run = 1")]
+    replies = [engine.reply(engine.shell, m) for m in ids]
+    assert [r["content"]["status"] for r in replies] == ["ok", "error", "aborted"]
+    assert replies[1]["content"]["ename"] == "ZeroDivisionError"
+    deadline = time.monotonic() + WAIT
+    while engine.execute("ran_again = 1")["content"]["status"] == "aborted":
+        assert time.monotonic() < deadline, "the engine kept aborting executes"
+        time.sleep(0.05)
+    assert engine.apply_value(ops.pull, "ran_again") == 1
+    assert engine.execute("never_run")["content"]["ename"] == "NameError"
+
+
 def test_burst_of_mixed_requests_is_read_directly_and_kept_in_order(engine):
     """The engine drains its shell socket itself (not one message per loop turn through
     the ZMQStream); executes and applies sent back to back still run in order."""
