@@ -12,6 +12,8 @@ import pytest
 import ipyfarm as ipp
 from ipyfarm import error
 
+WAIT = 30  # s: every wait on the cluster is bounded
+
 
 def test_the_issue_example_runs(rc):
     dview = rc[:]
@@ -183,6 +185,47 @@ def test_asyncresult_api(rc):
         return await rc[0].apply_async(lambda: 9)
 
     assert asyncio.run(awaiting()) == 9
+
+
+def test_a_result_is_counted_once_however_often_it_is_told(rc):
+    """The client watches results without its lock, so a racing watch and delivery may
+    both report one message: it counts once, and an unordered map yields each chunk
+    once. A result watched after it finished is complete at once, with no watcher
+    left behind."""
+    from ipyfarm.client.asyncresult import AsyncResult
+
+    view = rc.load_balanced_view()
+    amr = view.map_async(lambda x: x * 2, range(6), chunksize=2, ordered=False)
+    assert sorted(amr.get(WAIT)) == [0, 2, 4, 6, 8, 10]
+    for msg_id in amr.msg_ids:
+        assert amr._msg_done(msg_id) is False
+    assert sorted(amr) == [0, 2, 4, 6, 8, 10]
+    ar = view.apply_async(lambda: 5)
+    assert ar.get(WAIT) == 5
+    late = AsyncResult(rc, ar.msg_ids, single=True)
+    assert late.ready() and late.get(0) == 5
+    assert ar.msg_ids[0] not in rc._watchers
+
+
+def test_results_delivered_while_other_threads_submit_all_arrive(rc):
+    """Four threads submit and wait while the controller's thread delivers: every
+    result arrives, none twice, within the timeout."""
+    import threading
+
+    view = rc.load_balanced_view()
+    got: dict[int, list] = {}
+
+    def worker(k: int) -> None:
+        ars = [view.apply_async(lambda i=i: i) for i in range(300)]
+        got[k] = [ar.get(WAIT) for ar in ars]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(4 * WAIT)
+    assert not any(t.is_alive() for t in threads), "a submitting thread still waits"
+    assert got == {k: list(range(300)) for k in range(4)}
 
 
 def test_track_and_sent(rc):

@@ -101,12 +101,18 @@ class AsyncResult(Future):
             super().add_done_callback(self._client._io.on_callback_thread(fn))
 
     # ------------------------------------------------------------------ completion
-    def _msg_done(self, msg_id: str) -> None:
+    def _msg_done(self, msg_id: str) -> bool:
+        """``msg_id`` finished; the last of them finishes this result. A second call for
+        the same message (the client's watch may tell twice) changes nothing and
+        returns False."""
         with self._lock:
+            if msg_id not in self._remaining:
+                return False
             self._remaining.discard(msg_id)
             if self._remaining or self.done():
-                return
+                return True
         self._finish()
+        return True
 
     def _finish(self) -> None:
         self._finished_at = time.monotonic()
@@ -319,11 +325,13 @@ class AsyncMapResult(AsyncResult):
         super().__init__(client, msg_ids, fname, single=False,
                          return_exceptions=return_exceptions, **kwargs)
 
-    def _msg_done(self, msg_id: str) -> None:
-        super()._msg_done(msg_id)
+    def _msg_done(self, msg_id: str) -> bool:
+        if not super()._msg_done(msg_id):
+            return False
         with self._arrival:
             self._arrived.append(msg_id)
             self._arrival.notify_all()
+        return True
 
     def _piece(self, i: int, r: Any) -> list:
         if isinstance(r, BaseException):
