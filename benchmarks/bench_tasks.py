@@ -49,20 +49,35 @@ def start(lib: str, n: int) -> tuple[Any, Any]:
     return cluster, rc
 
 
-def apply_async_rate(view: Any, n: int, rounds: int = 3) -> float:
+def tree_cpu() -> float:
+    """CPU seconds (user + system) used so far by this process and every process under
+    it: the client, the controller and the engines, whichever of them are children."""
+    total = 0.0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        total += t.user + t.system
+    return total
+
+
+def apply_async_rate(view: Any, n: int, rounds: int = 3) -> tuple[float, float]:
     """Tasks per second for ``n`` no-op tasks submitted with apply_async in a loop: the
     best of ``rounds`` rounds (the VM's noise only ever slows a round; both libraries
-    are timed the same way)."""
+    are timed the same way); and that round's CPU per task (us), all processes."""
     for ar in [view.apply_async(noop) for _ in range(50)]:
         ar.get(60)
-    best = 0.0
+    best, cpu = 0.0, float("nan")
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        c0, t0 = tree_cpu(), time.perf_counter()
         ars = [view.apply_async(noop) for _ in range(n)]
         for ar in ars:
             ar.get(300)
-        best = max(best, n / (time.perf_counter() - t0))
-    return best
+        rate = n / (time.perf_counter() - t0)
+        if rate > best:
+            best, cpu = rate, (tree_cpu() - c0) / n * 1e6
+    return best, cpu
 
 
 def map_rate(view: Any, n: int) -> float:
@@ -98,7 +113,9 @@ def measure(lib: str, quick: bool) -> dict[str, float]:
     cluster, rc = start(lib, 2)
     try:
         lview = rc.load_balanced_view()
-        out["apply_async loop, tasks/s (2 engines)"] = apply_async_rate(lview, n_tasks)
+        rate, cpu = apply_async_rate(lview, n_tasks)
+        out["apply_async loop, tasks/s (2 engines)"] = rate
+        out["  its CPU per task, all processes (us)"] = cpu
         rc.purge_local_results("all")
         out["map of tiny items (default args), items/s"] = map_rate(lview, n_items)
         out["load-balanced apply_sync round trip (ms)"] = round_trip_ms(
@@ -109,7 +126,7 @@ def measure(lib: str, quick: bool) -> dict[str, float]:
     cluster, rc = start(lib, 8)
     try:
         out["apply_async loop, tasks/s (8 engines)"] = apply_async_rate(
-            rc.load_balanced_view(), n_tasks)
+            rc.load_balanced_view(), n_tasks)[0]
     finally:
         rc.close()
         cluster.stop_cluster_sync()
@@ -218,7 +235,8 @@ def controller_memory(n: int) -> dict[str, float]:
         subprocess.run(cli + ["stop", "--profile", profile], capture_output=True, timeout=60)
 
 
-LOWER = {"load-balanced apply_sync round trip (ms)", "throughput drop 2 -> 8 engines (%)"}
+LOWER = {"load-balanced apply_sync round trip (ms)", "throughput drop 2 -> 8 engines (%)",
+         "  its CPU per task, all processes (us)"}
 
 
 def main() -> None:
@@ -250,6 +268,13 @@ def main() -> None:
         ratio = (b / a if a else float("nan")) if key in LOWER else (a / b if b else float("nan"))
         print(f"{key:<45} {a:>10.2f} {b:>12.2f} {ratio:>6.2f}x")
     print("ratio: how many times better ipyfarm is (>1 = ipyfarm better)")
+    cpu = results.get("ipyfarm", {}).get("  its CPU per task, all processes (us)")
+    if cpu:
+        cores = os.cpu_count() or 1
+        print(f"the loop's CPU budget: {cores} cores at 10,000 tasks/s leave "
+              f"{cores * 1e6 / 10_000:.0f} us of CPU per task, for every process together; "
+              f"at {cpu:.0f} us a task these {cores} cores allow at most "
+              f"{cores * 1e6 / cpu:,.0f} tasks/s")
     print(f"\nreference: multiprocessing.Pool(2) apply_async loop: {pool_rate(n_tasks):.0f} tasks/s")
     from relayfloor import Relay
 
@@ -267,10 +292,11 @@ def main() -> None:
     # and with the controller in the submitting process, as the loop above runs it
     from fanoutfloor import pipelined
 
-    direct_two = pipelined(2)
+    direct_two, direct_cpu = pipelined(2)
     print(f"reference: no relay, this process <-> 2 plain zmq echo processes, one message "
           f"in flight each (benchmarks/fanoutfloor.py; the embedded loop's shape at hwm=1): "
-          f"{direct_two:.0f} round trips/s"
+          f"{direct_two:.0f} round trips/s, {direct_cpu:.0f} us of CPU per round trip (all "
+          f"processes)"
           + (f"; ipyfarm's loop reaches {loop / direct_two:.2f}x that" if loop else ""))
     if args.with_dask:
         print(f"reference: Dask LocalCluster(2 workers) submit loop: "
