@@ -451,9 +451,8 @@ def test_apply_behind_an_async_cell_waits_for_it(engine):
 
 
 def test_execute_behind_an_async_cell_waits_for_it(engine):
-    """An execute whose cell does not await runs to its end inside the socket's
-    callback; one whose cell awaits goes on as a task holding the shell, so the
-    executes and applies sent after it still run after it, in order."""
+    """A cell that awaits holds the shell: the executes and applies sent while it
+    waits run after it, in order."""
     async_cell = engine.send(engine.shell, "execute_request", {
         "code": "import asyncio\nawait asyncio.sleep(0.4)\nafter_await = 'cell done'",
         "silent": False, "stop_on_error": False}, metadata={"engine_id": 0})
@@ -467,6 +466,44 @@ def test_execute_behind_an_async_cell_waits_for_it(engine):
     assert [r["parent_header"]["msg_id"] for r in got] == [async_cell, behind, pull]
     assert [r["content"]["status"] for r in got] == ["ok", "ok", "ok"], got[1]["content"]
     assert loads(got[2]["buffers"]) == "cell done"
+
+
+def test_async_cells_run_inside_a_task_and_context_variables_persist(engine):
+    """Top-level await cells still run inside an asyncio task (asyncio.timeout and
+    TaskGroup need one), and what a cell sets in a context variable (decimal's
+    context, say) is there for the next cell, however the engine read the request."""
+
+    def run(code):
+        reply = engine.execute(code)
+        assert reply["content"]["status"] == "ok", reply["content"]
+
+    run("import asyncio\n"
+        "async with asyncio.timeout(5):\n"
+        "    await asyncio.sleep(0)\n"
+        "async with asyncio.TaskGroup() as tg:\n"
+        "    t = tg.create_task(asyncio.sleep(0, 'tg'))\n"
+        "tg_result = t.result()")
+    assert engine.apply_value(ops.pull, "tg_result") == "tg"
+    run("import contextvars, decimal\n"
+        "cv_marker = contextvars.ContextVar('cv_marker')\n"
+        "cv_marker.set('set by a cell')\n"
+        "decimal.setcontext(decimal.Context(prec=50))")
+    for _ in range(5):  # several executes, each read on its own
+        run("seen_cv = cv_marker.get('lost'); seen_prec = decimal.getcontext().prec")
+        assert engine.apply_value(ops.pull, "seen_cv") == "set by a cell"
+        assert engine.apply_value(ops.pull, "seen_prec") == 50
+    # and one that waits behind an awaiting cell (so it is queued, not run at once)
+    cell = engine.send(engine.shell, "execute_request", {
+        "code": "import asyncio\nawait asyncio.sleep(0.3)", "silent": False,
+        "stop_on_error": False})
+    time.sleep(0.1)
+    behind = engine.send(engine.shell, "execute_request", {
+        "code": "seen_cv = cv_marker.get('lost'); seen_prec = decimal.getcontext().prec",
+        "silent": False, "stop_on_error": False})
+    for msg_id in (cell, behind):
+        assert engine.reply(engine.shell, msg_id)["content"]["status"] == "ok"
+    assert engine.apply_value(ops.pull, "seen_cv") == "set by a cell"
+    assert engine.apply_value(ops.pull, "seen_prec") == 50
 
 
 def test_an_execute_error_aborts_the_executes_already_queued(engine):

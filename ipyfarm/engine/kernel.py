@@ -122,16 +122,13 @@ class FarmKernel(IPythonKernel):
                 self._queued_shell -= 1
 
         def on_shell(msg: list) -> Any:
-            kind = None if self._queued_shell else _shell_msg_type(msg)
-            if kind == "apply_request":
-                self._apply_now(msg)
-                return None
-            if msg and type(msg[0]) is not zmq.Frame:  # from the direct reader
-                msg = [zmq.Frame(f) for f in msg]
-            if kind == "execute_request":
-                return self._execute_now(msg)
-            self._queued_shell += 1
-            return queued(msg)  # ZMQStream schedules the coroutine
+            if self._queued_shell or not _is_apply_frames(msg):
+                self._queued_shell += 1
+                if msg and type(msg[0]) is not zmq.Frame:  # from the direct reader
+                    msg = [zmq.Frame(f) for f in msg]
+                return queued(msg)  # ZMQStream schedules the coroutine
+            self._apply_now(msg)
+            return None
 
         self.shell_stream.on_recv(on_shell, copy=False)
         self._read_shell_directly(on_shell)
@@ -221,7 +218,7 @@ class FarmKernel(IPythonKernel):
 
         The headers' dates stay text: nothing on this path reads them (outputs carry
         the parent header as it came, the reply the request's header bytes)."""
-        if type(msg[0]) is bytes:  # the direct reader's frames (_shell_msg_type said apply)
+        if type(msg[0]) is bytes:  # the direct reader's frames (_is_apply_frames found one)
             i = msg.index(_DELIM)
             idents, frames = msg[:i], msg[i + 1:]
         else:
@@ -250,57 +247,6 @@ class FarmKernel(IPythonKernel):
                 self.post_handler_hook()
             except Exception:
                 self.log.debug("Unable to signal in post_handler_hook:", exc_info=True)
-
-    def _execute_now(self, msg: list) -> Any:
-        """ipykernel's handling of an execute_request, run to its end here if it can.
-
-        ipykernel's handlers are coroutines, but a cell without top-level ``await``
-        never suspends them: ``shell_main`` takes its free lock, ``dispatch_shell`` and
-        ``execute_request`` run the cell synchronously and send the reply. Stepped once
-        here, they finish without the two asyncio tasks and the loop turns that the
-        queued path costs (a third of an engine's time for ``execute("pass")``), and
-        with the same code and order. A cell that does suspend (``await`` at top
-        level) goes on as a task from where it stopped, holding the shell's lock, so
-        the requests after it still wait for it. Returns None when done, else that
-        task's coroutine (the caller schedules it, like the queued path's).
-        """
-        coro = self.shell_main(None, msg)
-        # what arrives meanwhile (ipykernel's abort flushes the stream, say) is queued
-        self._queued_shell += 1
-        try:
-            step = coro.send(None)
-        except StopIteration:
-            self._queued_shell -= 1
-            return None
-        except BaseException:
-            self._queued_shell -= 1
-            raise
-        return self._resume(coro, step)
-
-    async def _resume(self, coro: Any, step: Any) -> None:
-        """Drive a started coroutine to its end, as the task that would have run it:
-        wait for each future it yields, pass cancellation on to it."""
-        try:
-            while True:
-                try:
-                    if step is None:  # a bare yield (asyncio.sleep(0)): one loop turn
-                        await asyncio.sleep(0)
-                    elif not asyncio.isfuture(step):  # what a task would refuse too
-                        step = coro.throw(RuntimeError(f"a cell yielded {step!r}, which "
-                                                       "is not an asyncio future"))
-                        continue
-                    else:
-                        step._asyncio_future_blocking = False
-                        while not step.done():
-                            try:
-                                await asyncio.wait([step])
-                            except asyncio.CancelledError:
-                                step.cancel()  # the coroutine sees it, as under a task
-                    step = coro.send(None)
-                except StopIteration:
-                    return
-        finally:
-            self._queued_shell -= 1
 
     # signal.signal wraps its handlers in enums both ways; per task that was 15% of an
     # engine's time. The C function takes and returns the same plain values.
@@ -675,28 +621,22 @@ def _cache_static_transforms(shell: Any) -> None:
     manager.transform_cell = transform_cell
 
 
-_SYNC_TYPES = frozenset({"apply_request", "execute_request"})
-
-
-def _shell_msg_type(msg: list) -> str | None:
-    """The msg_type a raw shell message's (unverified) header names, if it is one the
-    synchronous paths take (apply and execute, on no subshell); else None.
+def _is_apply_frames(msg: list) -> bool:
+    """Whether a raw shell message's (unverified) header says apply_request.
 
     Only routing: the message is verified when it is deserialized, on either path.
     """
     for i, frame in enumerate(msg[:16]):  # identities come first, and are few
         if len(frame) == len(_DELIM) and frames_bytes(frame) == _DELIM:
             if len(msg) < i + 6:
-                return None
+                return False
             try:
                 header = unpack_json(frames_bytes(msg[i + 2]))
             except ValueError:
-                return None
-            if not isinstance(header, dict) or header.get("subshell_id"):
-                return None
-            kind = header.get("msg_type")
-            return kind if kind in _SYNC_TYPES else None
-    return None
+                return False
+            return (isinstance(header, dict) and header.get("msg_type") == "apply_request"
+                    and not header.get("subshell_id"))
+    return False
 
 
 def _unpack_failure(exc: BaseException) -> BaseException:
