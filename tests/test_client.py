@@ -207,6 +207,30 @@ def test_a_result_is_counted_once_however_often_it_is_told(rc):
     assert ar.msg_ids[0] not in rc._watchers
 
 
+def test_a_late_watcher_tells_the_watchers_listed_before_it(rc):
+    """The interleaving a lock-free watch must survive, set up by hand: one watcher
+    listed while the task runs; the result stored (as the delivering thread does just
+    before it takes the watchers); a second watcher then finds the result and takes
+    the list. The first must be told too, or it would wait forever."""
+    from ipyfarm.client.asyncresult import AsyncResult
+
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    msg_id = ar.msg_ids[0]
+    first = AsyncResult(rc, [msg_id], single=True)
+    assert not first.ready()
+    rc.results[msg_id] = "stored"  # the deliverer's store, before its pop
+    second = AsyncResult(rc, [msg_id], single=True)
+    assert second.ready() and first.ready()
+    assert first.get(0) == second.get(0) == "stored"
+    assert msg_id not in rc._watchers
+    assert ar.ready()  # listed too, so told with them
+    deadline = time.monotonic() + WAIT  # the real reply still comes in, and is stored
+    while msg_id in rc.outstanding:
+        assert time.monotonic() < deadline, "the task's reply never arrived"
+        time.sleep(0.02)
+    assert rc.results[msg_id] is None
+
+
 def test_results_delivered_while_other_threads_submit_all_arrive(rc):
     """Four threads submit and wait while the controller's thread delivers: every
     result arrives, none twice, within the timeout."""

@@ -503,9 +503,13 @@ class Client(ClientRecords):
             watchers.setdefault(msg_id, []).append(ar)
             if msg_id in results:
                 # it finished meanwhile (or before): the deliverer may have taken the
-                # watchers already, or may never look again; a list left behind goes
-                # too (whoever is in it finds the result themselves, as here)
-                watchers.pop(msg_id, None)
+                # watchers already (without ``ar``, perhaps), or may not have yet. What
+                # is still listed is told here, as the deliverer would have told it
+                # (another thread's watcher may be in the list, having looked before
+                # the result came); ``ar`` in any case.
+                for other in watchers.pop(msg_id, ()):
+                    if other is not ar:
+                        other._msg_done(msg_id)
                 ar._msg_done(msg_id)
 
     # ------------------------------------------------------------------ waiting
