@@ -452,8 +452,13 @@ class Client(ClientRecords):
             self.results[msg_id] = result
             self.outstanding.discard(msg_id)
             watchers = self._watchers.pop(msg_id, ())
+        if watchers:
+            self._tell(watchers, msg_id)
+
+    def _tell(self, watchers: Any, msg_id: str) -> None:
+        """``msg_id`` finished: tell each of ``watchers`` (AsyncResults) so."""
         io = self._io
-        on_hub = bool(watchers) and io.on_hub_thread()
+        on_hub = io.on_hub_thread()
         for ar in watchers:
             if on_hub and not ar._finish_anywhere:
                 io.call_soon(ar._msg_done, msg_id)  # e.g. joining a map's results
@@ -507,9 +512,9 @@ class Client(ClientRecords):
                 # is still listed is told here, as the deliverer would have told it
                 # (another thread's watcher may be in the list, having looked before
                 # the result came); ``ar`` in any case.
-                for other in watchers.pop(msg_id, ()):
-                    if other is not ar:
-                        other._msg_done(msg_id)
+                listed = [w for w in watchers.pop(msg_id, ()) if w is not ar]
+                if listed:
+                    self._tell(listed, msg_id)
                 ar._msg_done(msg_id)
 
     # ------------------------------------------------------------------ waiting
