@@ -52,14 +52,9 @@ def start(lib: str, n: int) -> tuple[Any, Any]:
 def tree_cpu() -> float:
     """CPU seconds (user + system) used so far by this process and every process under
     it: the client, the controller and the engines, whichever of them are children."""
-    total = 0.0
-    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:  # gone meanwhile
-            continue
-        total += t.user + t.system
-    return total
+    from fanoutfloor import cpu_seconds
+
+    return cpu_seconds([psutil.Process(), *psutil.Process().children(recursive=True)])
 
 
 def apply_async_rate(view: Any, n: int, rounds: int = 3) -> tuple[float, float]:

@@ -471,7 +471,7 @@ def test_execute_behind_an_async_cell_waits_for_it(engine):
 def test_async_cells_run_inside_a_task_and_context_variables_persist(engine):
     """Top-level await cells still run inside an asyncio task (asyncio.timeout and
     TaskGroup need one), and what a cell sets in a context variable (decimal's
-    context, say) is there for the next cell, however the engine read the request."""
+    context, say) is there for the next cell."""
 
     def run(code):
         reply = engine.execute(code)
@@ -492,7 +492,7 @@ def test_async_cells_run_inside_a_task_and_context_variables_persist(engine):
         run("seen_cv = cv_marker.get('lost'); seen_prec = decimal.getcontext().prec")
         assert engine.apply_value(ops.pull, "seen_cv") == "set by a cell"
         assert engine.apply_value(ops.pull, "seen_prec") == 50
-    # and one that waits behind an awaiting cell (so it is queued, not run at once)
+    # and for one that waits behind an awaiting cell
     cell = engine.send(engine.shell, "execute_request", {
         "code": "import asyncio\nawait asyncio.sleep(0.3)", "silent": False,
         "stop_on_error": False})
